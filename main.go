@@ -84,12 +84,10 @@ func main() {
 	case <-ctx.Done():
 	}
 	log.Print("shutting down")
-	// Shutdown closes the listener and ends plain HTTP requests, but it does not
+	// Close stops the listener and plain HTTP connections, but it does not
 	// touch hijacked connections such as WebSockets: the room closes those, and
 	// main must not return before it has, or clients see a bare EOF.
-	shutdownCtx, cancel := context.WithTimeout(context.Background(), shutdownGrace)
-	defer cancel()
-	srv.Shutdown(shutdownCtx)
+	srv.Close()
 	r.shutdown()
 }
 

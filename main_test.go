@@ -1,0 +1,750 @@
+package main
+
+// These tests drive the real server: an httptest.Server in front of the same
+// routes main serves, and clients that speak WebSocket over real TCP
+// connections. Run `go test -v -run TestMessageReachesEveryone` to watch one
+// broadcast happen, step by step.
+
+import (
+	"bufio"
+	"encoding/json"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"net/http/httptest"
+	"os"
+	"os/exec"
+	"runtime"
+	"slices"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"golang.org/x/net/websocket"
+)
+
+// TestMain lets a test run the real main in a child process: the test binary
+// re-executes itself with WSCHAT_RUN_MAIN=1 and the flags main should see.
+func TestMain(m *testing.M) {
+	if os.Getenv("WSCHAT_RUN_MAIN") == "1" {
+		main()
+		os.Exit(0)
+	}
+	os.Exit(m.Run())
+}
+
+// ---- Helpers ----
+
+// startServer serves a fresh room; change lets a test lower its limits first.
+// Server log lines are narrated into the test's log.
+func startServer(t testing.TB, change func(*room)) (*room, *httptest.Server) {
+	t.Helper()
+	r := newRoom()
+	r.logf = func(format string, args ...any) { t.Logf("server: "+format, args...) }
+	if change != nil {
+		change(r)
+	}
+	srv := httptest.NewServer(r.routes())
+	t.Cleanup(func() {
+		srv.Close()
+		r.shutdown() // returns once every connection and goroutine of the room is done
+	})
+	return r, srv
+}
+
+func wsURL(srv *httptest.Server) string { return "ws" + strings.TrimPrefix(srv.URL, "http") + "/ws" }
+
+// A testClient is one chat user, with a name for the story the test tells.
+type testClient struct {
+	t       testing.TB
+	name    string
+	conn    *websocket.Conn
+	pending []event // the rest of the last frame read
+}
+
+func dial(t testing.TB, srv *httptest.Server, name string) *testClient {
+	t.Helper()
+	conn, err := websocket.Dial(wsURL(srv), "", srv.URL)
+	if err != nil {
+		t.Fatalf("%s could not connect: %v", name, err)
+	}
+	t.Cleanup(func() { conn.Close() })
+	return &testClient{t: t, name: name, conn: conn}
+}
+
+// read returns the next event, waiting at most 5 s. It checks the frame
+// format on the way: one JSON object per line, no empty lines.
+func (tc *testClient) read() (event, error) {
+	if len(tc.pending) == 0 {
+		tc.conn.SetReadDeadline(time.Now().Add(5 * time.Second))
+		var frame string
+		if err := websocket.Message.Receive(tc.conn, &frame); err != nil {
+			return event{}, fmt.Errorf("%s: reading: %w", tc.name, err)
+		}
+		for _, line := range strings.Split(frame, "\n") {
+			var ev event
+			dec := json.NewDecoder(strings.NewReader(line))
+			dec.DisallowUnknownFields()
+			if err := dec.Decode(&ev); err != nil {
+				return event{}, fmt.Errorf("%s: bad line %q in frame %q: %v", tc.name, line, frame, err)
+			}
+			tc.pending = append(tc.pending, ev)
+		}
+	}
+	ev := tc.pending[0]
+	tc.pending = tc.pending[1:]
+	return ev, nil
+}
+
+// expect reads the next event and fails unless it is want.
+func (tc *testClient) expect(want event) {
+	tc.t.Helper()
+	got, err := tc.read()
+	if err != nil {
+		tc.t.Fatal(err)
+	}
+	if got != want {
+		tc.t.Fatalf("%s got %+v, want %+v", tc.name, got, want)
+	}
+	tc.t.Logf("%s received %s", tc.name, encode(got))
+}
+
+func (tc *testClient) say(text string) {
+	tc.t.Helper()
+	if err := websocket.Message.Send(tc.conn, text); err != nil {
+		tc.t.Fatalf("%s could not send: %v", tc.name, err)
+	}
+	tc.t.Logf("%s sends %q", tc.name, text)
+}
+
+// expectClosed fails unless the server closes this client's connection.
+func (tc *testClient) expectClosed() {
+	tc.t.Helper()
+	ev, err := tc.read()
+	if err == nil {
+		tc.t.Fatalf("%s: want the connection closed, got %+v", tc.name, ev)
+	}
+	tc.t.Logf("%s: connection closed by the server (%v)", tc.name, err)
+}
+
+// rawHandshake opens a WebSocket by hand, so a test can choose the Origin
+// header (x/net's client always sends one) and see every byte of the reply.
+func rawHandshake(t testing.TB, srv *httptest.Server, origin string) (*http.Response, net.Conn, *bufio.Reader) {
+	t.Helper()
+	conn, err := net.Dial("tcp", srv.Listener.Addr().String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { conn.Close() })
+	conn.SetDeadline(time.Now().Add(10 * time.Second))
+	req := "GET /ws HTTP/1.1\r\nHost: " + srv.Listener.Addr().String() + "\r\n" +
+		"Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\n" +
+		"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+	if origin != "" {
+		req += "Origin: " + origin + "\r\n"
+	}
+	if _, err := io.WriteString(conn, req+"\r\n"); err != nil {
+		t.Fatal(err)
+	}
+	br := bufio.NewReader(conn)
+	resp, err := http.ReadResponse(br, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return resp, conn, br
+}
+
+// readRawFrame reads one server frame (servers never mask) as opcode and payload.
+func readRawFrame(br *bufio.Reader) (opcode byte, payload []byte, err error) {
+	var head [2]byte
+	if _, err := io.ReadFull(br, head[:]); err != nil {
+		return 0, nil, err
+	}
+	n := uint64(head[1] & 0x7f)
+	if n >= 126 {
+		ext := make([]byte, 2)
+		if n == 127 {
+			ext = make([]byte, 8)
+		}
+		if _, err := io.ReadFull(br, ext); err != nil {
+			return 0, nil, err
+		}
+		n = 0
+		for _, b := range ext {
+			n = n<<8 | uint64(b)
+		}
+	}
+	payload = make([]byte, n)
+	_, err = io.ReadFull(br, payload)
+	return head[0] & 0x0f, payload, err
+}
+
+// readUntilClose reads raw frames until a close frame, and fails if the
+// connection ends without one.
+func readUntilClose(br *bufio.Reader) error {
+	for {
+		opcode, _, err := readRawFrame(br)
+		if err != nil {
+			return fmt.Errorf("connection ended without a close frame: %w", err)
+		}
+		if opcode == websocket.CloseFrame {
+			return nil
+		}
+	}
+}
+
+// waitFor polls cond until it holds, failing after 10 s.
+func waitFor(t testing.TB, what string, cond func() bool) {
+	t.Helper()
+	tick := time.NewTicker(2 * time.Millisecond)
+	defer tick.Stop()
+	timeout := time.After(10 * time.Second)
+	for !cond() {
+		select {
+		case <-tick.C:
+		case <-timeout:
+			t.Fatalf("gave up waiting for %s", what)
+		}
+	}
+}
+
+// serverSide returns the room's client with the given user id, or nil.
+func (r *room) serverSide(uid int) *client {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	for c := range r.clients {
+		if c.uid == uid {
+			return c
+		}
+	}
+	return nil
+}
+
+func hello(uid, online int) event { return event{Type: "hello", UID: uid, Online: online} }
+func join(uid, online int) event  { return event{Type: "join", UID: uid, Online: online} }
+func leave(uid, online int) event { return event{Type: "leave", UID: uid, Online: online} }
+func msg(uid int, text string) event {
+	return event{Type: "msg", UID: uid, Msg: text}
+}
+
+// ---- HTTP ----
+
+func TestPageAndRoutes(t *testing.T) {
+	_, srv := startServer(t, nil)
+
+	resp, err := http.Get(srv.URL + "/")
+	if err != nil {
+		t.Fatal(err)
+	}
+	body, _ := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	if resp.StatusCode != 200 || resp.Header.Get("Content-Type") != "text/html; charset=utf-8" {
+		t.Fatalf("GET / = %d %q", resp.StatusCode, resp.Header.Get("Content-Type"))
+	}
+	if string(body) != string(indexHTML) || !strings.Contains(string(body), "<title>wschat</title>") {
+		t.Fatalf("GET / did not serve the embedded page")
+	}
+	t.Logf("GET / serves the embedded page (%d bytes)", len(body))
+
+	for _, tc := range []struct {
+		method, path string
+		want         int
+	}{
+		{"GET", "/nope", 404},
+		{"GET", "/index.html", 404},
+		{"POST", "/", 405},
+		{"DELETE", "/", 405},
+		{"POST", "/ws", 405},
+		{"GET", "/ws", 400}, // no upgrade headers: not a WebSocket handshake
+		{"GET", "/", 200},   // and the server carries on
+	} {
+		req, _ := http.NewRequest(tc.method, srv.URL+tc.path, nil)
+		resp, err := http.DefaultClient.Do(req)
+		if err != nil {
+			t.Fatalf("%s %s: %v", tc.method, tc.path, err)
+		}
+		resp.Body.Close()
+		if resp.StatusCode != tc.want {
+			t.Errorf("%s %s = %d, want %d", tc.method, tc.path, resp.StatusCode, tc.want)
+		}
+	}
+}
+
+func TestOrigin(t *testing.T) {
+	_, srv := startServer(t, nil)
+	for _, tc := range []struct {
+		name, origin string
+		want         int
+	}{
+		{"another site", "http://evil.example", http.StatusForbidden},
+		{"same host, other port", "http://127.0.0.1:1", http.StatusForbidden},
+		{"the literal null origin", "null", http.StatusForbidden},
+		{"same origin", srv.URL, http.StatusSwitchingProtocols},
+		{"no origin (a command-line client)", "", http.StatusSwitchingProtocols},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			resp, _, br := rawHandshake(t, srv, tc.origin)
+			if resp.StatusCode != tc.want {
+				t.Fatalf("Origin %q: status %d, want %d", tc.origin, resp.StatusCode, tc.want)
+			}
+			if tc.want != http.StatusSwitchingProtocols {
+				return
+			}
+			opcode, payload, err := readRawFrame(br)
+			if err != nil || opcode != websocket.TextFrame || !strings.Contains(string(payload), `"type":"hello"`) {
+				t.Fatalf("accepted, but no hello: opcode %d, %q, %v", opcode, payload, err)
+			}
+			t.Logf("Origin %q: accepted, server says %s", tc.origin, payload)
+		})
+	}
+}
+
+// ---- Presence ----
+
+func TestHelloJoinLeave(t *testing.T) {
+	_, srv := startServer(t, nil)
+	alice := dial(t, srv, "alice")
+	alice.expect(hello(1, 1))
+
+	bob := dial(t, srv, "bob")
+	bob.expect(hello(2, 2))
+	alice.expect(join(2, 2)) // bob does not get his own join
+
+	carol := dial(t, srv, "carol")
+	carol.expect(hello(3, 3))
+	alice.expect(join(3, 3))
+	bob.expect(join(3, 3))
+
+	t.Log("bob closes his tab")
+	bob.conn.Close()
+	alice.expect(leave(2, 2))
+	carol.expect(leave(2, 2))
+}
+
+func TestIDsAreNeverReused(t *testing.T) {
+	_, srv := startServer(t, nil)
+	a := dial(t, srv, "user 1")
+	a.expect(hello(1, 1))
+	b := dial(t, srv, "user 2")
+	b.expect(hello(2, 2))
+	a.expect(join(2, 2))
+
+	b.conn.Close()
+	a.expect(leave(2, 1))
+
+	// len(clients)+1 would hand out 2 again here.
+	c := dial(t, srv, "the next user")
+	c.expect(hello(3, 2))
+	a.expect(join(3, 2))
+	c.conn.Close()
+	a.expect(leave(3, 1))
+	d := dial(t, srv, "and the next")
+	d.expect(hello(4, 2))
+}
+
+// ---- Messages ----
+
+func TestMessageReachesEveryoneIncludingSender(t *testing.T) {
+	_, srv := startServer(t, nil)
+	alice := dial(t, srv, "alice")
+	alice.expect(hello(1, 1))
+	bob := dial(t, srv, "bob")
+	bob.expect(hello(2, 2))
+	alice.expect(join(2, 2))
+	carol := dial(t, srv, "carol")
+	carol.expect(hello(3, 3))
+	alice.expect(join(3, 3))
+	bob.expect(join(3, 3))
+
+	bob.say("hello, room")
+	for _, c := range []*testClient{alice, bob, carol} {
+		c.expect(msg(2, "hello, room"))
+	}
+}
+
+func TestMessagesAreTrimmedAndEmptyOnesIgnored(t *testing.T) {
+	_, srv := startServer(t, nil)
+	alice := dial(t, srv, "alice")
+	alice.expect(hello(1, 1))
+
+	alice.say("  \t hi there \n ")
+	alice.expect(msg(1, "hi there"))
+	alice.say("")
+	alice.say(" \n\t ")
+	alice.say("after the blanks")
+	alice.expect(msg(1, "after the blanks")) // nothing came before it
+}
+
+func TestTextIsRelayedVerbatim(t *testing.T) {
+	_, srv := startServer(t, nil)
+	alice := dial(t, srv, "alice")
+	alice.expect(hello(1, 1))
+	bob := dial(t, srv, "bob")
+	bob.expect(hello(2, 2))
+	alice.expect(join(2, 2))
+
+	for _, text := range []string{
+		`<script>alert("hi")</script>`,
+		`<img src=x onerror=alert(1)>`,
+		`{"type":"msg","uid":1,"msg":"x"}`,
+		`{"uid":2}` + "\n" + `{"type":"leave","uid":1}`, // a newline inside a message cannot split the frame
+		"héllo wörld, 世界, Привет 👋🏽",
+		`back\slash "quotes" & ampersand`,
+	} {
+		alice.say(text)
+		bob.expect(msg(1, text))
+	}
+
+	// Invalid UTF-8 must still come out as valid JSON: the bad byte becomes U+FFFD.
+	alice.say("a\xffb")
+	bob.conn.SetReadDeadline(time.Now().Add(5 * time.Second))
+	var frame []byte
+	if err := websocket.Message.Receive(bob.conn, &frame); err != nil {
+		t.Fatal(err)
+	}
+	var ev event
+	if !json.Valid(frame) || json.Unmarshal(frame, &ev) != nil || ev.Msg != "a\uFFFDb" {
+		t.Fatalf("invalid UTF-8 relayed as %q", frame)
+	}
+	t.Logf("bob received %s", frame)
+}
+
+func TestOversizedFrameClosesOnlyItsSender(t *testing.T) {
+	_, srv := startServer(t, nil)
+	alice := dial(t, srv, "alice")
+	alice.expect(hello(1, 1))
+	mallory := dial(t, srv, "mallory")
+	mallory.expect(hello(2, 2))
+	alice.expect(join(2, 2))
+
+	exactly := strings.Repeat("x", maxMessageBytes)
+	mallory.say(exactly) // at the limit: fine
+	alice.expect(msg(2, exactly))
+	mallory.expect(msg(2, exactly))
+
+	mallory.say(exactly + "y")
+	mallory.expectClosed()
+	alice.expect(leave(2, 1))
+
+	alice.say("still here")
+	alice.expect(msg(1, "still here"))
+}
+
+func TestBinaryFrameClosesOnlyItsSender(t *testing.T) {
+	_, srv := startServer(t, nil)
+	alice := dial(t, srv, "alice")
+	alice.expect(hello(1, 1))
+	bot := dial(t, srv, "bot")
+	bot.expect(hello(2, 2))
+	alice.expect(join(2, 2))
+
+	if err := websocket.Message.Send(bot.conn, []byte{0, 1, 2}); err != nil {
+		t.Fatal(err)
+	}
+	bot.expectClosed()
+	alice.expect(leave(2, 1))
+}
+
+// ---- Delivery guarantees ----
+
+func TestSameOrderEverywhere(t *testing.T) {
+	const clients, perClient = 8, 50
+	_, srv := startServer(t, func(r *room) { r.floodInterval = 0 }) // no flood limit
+	var users []*testClient
+	for i := range clients {
+		u := dial(t, srv, fmt.Sprintf("user %d", i+1))
+		u.expect(hello(i+1, i+1))
+		for _, earlier := range users {
+			earlier.expect(join(i+1, i+1))
+		}
+		users = append(users, u)
+	}
+
+	t.Logf("%d users each send %d messages, all at once", clients, perClient)
+	received := make([][]event, clients)
+	var wg sync.WaitGroup
+	errs := make(chan error, 2*clients)
+	for i, u := range users {
+		wg.Go(func() {
+			for j := range perClient {
+				if err := websocket.Message.Send(u.conn, fmt.Sprintf("%d", j)); err != nil {
+					errs <- err
+					return
+				}
+			}
+		})
+		wg.Go(func() {
+			for range clients * perClient {
+				ev, err := u.read()
+				if err != nil {
+					errs <- err
+					return
+				}
+				received[i] = append(received[i], ev)
+			}
+		})
+	}
+	wg.Wait()
+	close(errs)
+	for err := range errs {
+		t.Fatal(err)
+	}
+
+	for i := range users {
+		if !slices.Equal(received[i], received[0]) {
+			t.Fatalf("user %d saw a different order than user 1", i+1)
+		}
+	}
+	next := make(map[int]int) // each sender's messages arrive in the order sent
+	for _, ev := range received[0] {
+		if ev.Type != "msg" || ev.Msg != fmt.Sprint(next[ev.UID]) {
+			t.Fatalf("from user %d: got %+v, want message %d", ev.UID, ev, next[ev.UID])
+		}
+		next[ev.UID]++
+	}
+	t.Logf("all %d users received the same %d messages in the same order", clients, len(received[0]))
+}
+
+// logRecorder collects the server's log lines, so a test can check why a
+// client left.
+type logRecorder struct {
+	t     testing.TB
+	mu    sync.Mutex
+	lines []string
+}
+
+func (l *logRecorder) logf(format string, args ...any) {
+	line := fmt.Sprintf(format, args...)
+	l.t.Log("server: " + line)
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	l.lines = append(l.lines, line)
+}
+
+func (l *logRecorder) contains(s string) bool {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return slices.ContainsFunc(l.lines, func(line string) bool { return strings.Contains(line, s) })
+}
+
+// A client that never reads must not hold up anyone else, and must be
+// disconnected (not silently skipped), whether its queue fills up first or a
+// write to it blocks first.
+func TestSlowClientIsDisconnectedWithoutDelayingOthers(t *testing.T) {
+	for _, tc := range []struct {
+		name         string
+		queueLimit   int
+		writeTimeout time.Duration
+		reason       string
+	}{
+		{"queue full", 20, time.Hour, "too slow: 20 events waiting"},
+		{"write blocked", 1 << 30, 200 * time.Millisecond, "too slow: a write blocked for 200ms"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			logs := &logRecorder{t: t}
+			_, srv := startServer(t, func(r *room) {
+				r.queueLimit, r.writeTimeout, r.floodInterval = tc.queueLimit, tc.writeTimeout, 0
+				r.logf = logs.logf
+			})
+			alice := dial(t, srv, "alice")
+			alice.expect(hello(1, 1))
+			dial(t, srv, "sleepy").expect(hello(2, 2)) // and never reads again
+			alice.expect(join(2, 2))
+
+			// alice sends big messages, one at a time, until sleepy is gone.
+			// Each must reach her, in order, while sleepy is still connected.
+			t.Log("alice sends 4 KB messages; sleepy reads none of them")
+			gone := false
+			for n := 0; !gone; n++ {
+				if n == 100_000 {
+					t.Fatal("sleepy was never disconnected")
+				}
+				if err := websocket.Message.Send(alice.conn, fmt.Sprintf("%d %4000s", n, ".")); err != nil {
+					t.Fatal(err)
+				}
+				for {
+					ev, err := alice.read()
+					if err != nil {
+						t.Fatal(err)
+					}
+					if ev == leave(2, 1) {
+						t.Logf("alice received %s after %d of her messages", encode(ev), n)
+						gone = true
+						continue
+					}
+					if ev.Type != "msg" || !strings.HasPrefix(ev.Msg, fmt.Sprint(n, " ")) {
+						t.Fatalf("alice's message %d: got %.60v", n, ev)
+					}
+					break
+				}
+			}
+			if !logs.contains("user 2 left: " + tc.reason) {
+				t.Fatalf("sleepy left, but not because %q", tc.reason)
+			}
+			alice.say("still here")
+			alice.expect(msg(1, "still here"))
+		})
+	}
+}
+
+func TestNoGoroutineIsLeftBehind(t *testing.T) {
+	before := runtime.NumGoroutine()
+	r, srv := startServer(t, nil)
+	var users []*testClient
+	for i := range 5 {
+		u := dial(t, srv, fmt.Sprintf("user %d", i+1))
+		u.expect(hello(i+1, i+1))
+		users = append(users, u)
+	}
+	users[0].say("bye")
+	for _, u := range users {
+		for ev, err := u.read(); ev != msg(1, "bye"); ev, err = u.read() {
+			if err != nil {
+				t.Fatal(err)
+			}
+		}
+		u.conn.Close()
+	}
+	waitFor(t, "the room to be empty", func() bool {
+		r.mu.Lock()
+		defer r.mu.Unlock()
+		return len(r.clients) == 0
+	})
+	srv.Close()
+	waitFor(t, "every goroutine to end", func() bool { return runtime.NumGoroutine() <= before })
+	t.Logf("goroutines: %d before the server started, %d after everyone left", before, runtime.NumGoroutine())
+}
+
+// Shutting down sends every client a close frame, and is not held up by a
+// client whose writer is blocked on a full socket.
+func TestShutdownClosesEveryConnection(t *testing.T) {
+	r, srv := startServer(t, func(r *room) { r.floodInterval, r.writeTimeout = 0, time.Hour })
+	alice := dial(t, srv, "alice")
+	alice.expect(hello(1, 1))
+	dial(t, srv, "sleepy").expect(hello(2, 2)) // never reads again
+	resp, _, rawBr := rawHandshake(t, srv, "") // a healthy reader that sees raw frames
+	if resp.StatusCode != http.StatusSwitchingProtocols {
+		t.Fatal(resp.Status)
+	}
+	rawClosed := make(chan error, 1)
+	go func() { rawClosed <- readUntilClose(rawBr) }()
+	sleepy := r.serverSide(2)
+	sleepyStuck := func() bool {
+		r.mu.Lock()
+		defer r.mu.Unlock()
+		return len(sleepy.queue) >= 100 // its writer has taken nothing for 100 broadcasts
+	}
+	t.Log("alice sends until sleepy's writer is stuck on a full socket")
+	for i := 0; !sleepyStuck(); i++ {
+		if i == 100_000 {
+			t.Fatal("sleepy's writer never blocked")
+		}
+		if err := websocket.Message.Send(alice.conn, strings.Repeat("z", 4000)); err != nil {
+			t.Fatal(err)
+		}
+		if _, err := alice.read(); err != nil { // her own message, or sleepy's join
+			t.Fatal(err)
+		}
+	}
+
+	start := time.Now()
+	srv.Close()
+	r.shutdown()
+	took := time.Since(start)
+	t.Logf("shutdown took %v", took.Round(time.Millisecond))
+	if took > 2*time.Second {
+		t.Fatalf("shutdown took %v, want at most 2s", took)
+	}
+	if err := <-rawClosed; err != nil {
+		t.Fatal(err)
+	}
+	t.Log("the healthy client received a close frame")
+}
+
+// ---- The real main, in a child process ----
+
+// startMain runs main with args in a child process and returns the first
+// address it printed.
+func startMain(t *testing.T, args ...string) (*exec.Cmd, string) {
+	t.Helper()
+	cmd := exec.Command(os.Args[0], args...)
+	// The race detector sleeps 1 s before a process exits; that is not main's time.
+	cmd.Env = append(os.Environ(), "WSCHAT_RUN_MAIN=1", "GORACE=atexit_sleep_ms=0")
+	stdout, err := cmd.StdoutPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { cmd.Process.Kill(); cmd.Wait() })
+	lines := bufio.NewScanner(stdout)
+	for lines.Scan() {
+		if _, addr, ok := strings.Cut(lines.Text(), "http://"); ok {
+			go io.Copy(io.Discard, stdout) // ends when the child exits
+			return cmd, addr
+		}
+	}
+	t.Fatal("main printed no http:// address")
+	return nil, ""
+}
+
+func TestMainStopsCleanlyOnSignal(t *testing.T) {
+	if runtime.GOOS == "windows" {
+		t.Skip("no SIGINT to send on Windows")
+	}
+	cmd, addr := startMain(t, "-addr", "127.0.0.1:0")
+	t.Logf("main is listening on %s", addr)
+	conn, err := websocket.Dial("ws://"+addr+"/ws", "", "http://"+addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	var first string
+	if err := websocket.Message.Receive(conn, &first); err != nil || !strings.Contains(first, `"hello"`) {
+		t.Fatalf("no hello from main: %q %v", first, err)
+	}
+
+	start := time.Now()
+	cmd.Process.Signal(os.Interrupt)
+	exited := make(chan error, 1)
+	go func() { exited <- cmd.Wait() }()
+	select {
+	case err := <-exited:
+		if err != nil {
+			t.Fatalf("main exited with %v, want status 0", err)
+		}
+	case <-time.After(2 * time.Second):
+		t.Fatal("main still running 2 s after SIGINT")
+	}
+	t.Logf("main exited 0, %v after SIGINT", time.Since(start).Round(time.Millisecond))
+	// x/net's client answers a close frame with io.EOF; so does a bare TCP
+	// EOF, which is why TestShutdownClosesEveryConnection checks raw frames.
+	conn.SetReadDeadline(time.Now().Add(5 * time.Second))
+	if err := websocket.Message.Receive(conn, &first); err != io.EOF {
+		t.Fatalf("after shutdown the client read %v, want EOF", err)
+	}
+}
+
+func TestMainReportsBusyPort(t *testing.T) {
+	taken, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer taken.Close()
+	cmd := exec.Command(os.Args[0], "-addr", taken.Addr().String())
+	cmd.Env = append(os.Environ(), "WSCHAT_RUN_MAIN=1")
+	var stderr strings.Builder
+	cmd.Stderr = &stderr
+	err = cmd.Run()
+	t.Logf("stderr: %q", stderr.String())
+	if exit, ok := err.(*exec.ExitError); !ok || exit.ExitCode() != 1 {
+		t.Fatalf("main exited with %v, want status 1", err)
+	}
+	line := strings.TrimSuffix(stderr.String(), "\n")
+	if strings.Contains(line, "\n") || !strings.HasPrefix(line, "wschat: listen tcp") || strings.Contains(line, "goroutine") {
+		t.Fatalf("want one clear error line, got %q", stderr.String())
+	}
+}
