@@ -326,7 +326,9 @@ func (r *room) sendLocked(c *client, ev []byte) {
 	}
 }
 
-var newline = []byte("\n")
+// Writers borrow a buffer to join a batch into, rather than allocate one
+// per write: in a busy room that is most of the server's garbage.
+var batchBuffers = sync.Pool{New: func() any { return new(bytes.Buffer) }}
 
 // writeQueue is a client's writer. Each round it takes everything queued so
 // far and writes it as one frame, one event per line: when events pile up, a
@@ -348,7 +350,19 @@ func (r *room) writeQueue(c *client) {
 		c.conn.SetWriteDeadline(time.Now().Add(r.writeTimeout))
 		r.mu.Unlock()
 
-		if _, err := c.conn.Write(bytes.Join(batch, newline)); err != nil {
+		frame := batchBuffers.Get().(*bytes.Buffer)
+		frame.Reset()
+		for i, ev := range batch {
+			if i > 0 {
+				frame.WriteByte('\n')
+			}
+			frame.Write(ev)
+		}
+		_, err := c.conn.Write(frame.Bytes())
+		if frame.Cap() <= 64<<10 { // a rare huge batch is not worth keeping
+			batchBuffers.Put(frame)
+		}
+		if err != nil {
 			reason := "write failed: " + err.Error()
 			if errors.Is(err, os.ErrDeadlineExceeded) {
 				reason = fmt.Sprintf("too slow: a write blocked for %v", r.writeTimeout)

@@ -7,6 +7,7 @@ package main
 
 import (
 	"bufio"
+	"bytes"
 	"encoding/json"
 	"fmt"
 	"io"
@@ -19,6 +20,7 @@ import (
 	"slices"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -747,4 +749,249 @@ func TestMainReportsBusyPort(t *testing.T) {
 	if strings.Contains(line, "\n") || !strings.HasPrefix(line, "wschat: listen tcp") || strings.Contains(line, "goroutine") {
 		t.Fatalf("want one clear error line, got %q", stderr.String())
 	}
+}
+
+// ---- Flood control ----
+
+// A flooder is slowed down to the limit, not disconnected and not dropped,
+// and everyone else keeps talking meanwhile.
+func TestFloodIsThrottledNotDropped(t *testing.T) {
+	const burst, interval, total = 20, 5 * time.Millisecond, 200
+	_, srv := startServer(t, func(r *room) { r.floodBurst, r.floodInterval = burst, interval })
+	flooder := dial(t, srv, "flooder")
+	flooder.expect(hello(1, 1))
+	alice := dial(t, srv, "alice")
+	alice.expect(hello(2, 2))
+	flooder.expect(join(2, 2))
+
+	t.Logf("the flooder sends %d messages at full speed; the limit is %d at once, then one per %v", total, burst, interval)
+	start := time.Now()
+	sent := make(chan error, 1)
+	go func() {
+		for i := range total {
+			if err := websocket.Message.Send(flooder.conn, fmt.Sprint(i)); err != nil {
+				sent <- err
+				return
+			}
+		}
+		sent <- nil
+	}()
+
+	// Once the burst is spent and the flooder is held back, alice speaks.
+	const word = "can I get a word in?"
+	var saidAt time.Time
+	heardAfter := time.Duration(-1)
+	for i := 0; i < total; {
+		ev, err := alice.read()
+		switch {
+		case err != nil:
+			t.Fatal(err)
+		case ev == msg(2, word):
+			heardAfter = time.Since(saidAt)
+			t.Logf("alice's message came back after %v, with %d of the flood still to come", heardAfter.Round(time.Millisecond), total-i)
+		case ev == msg(1, fmt.Sprint(i)):
+			i++
+			if i == burst+10 {
+				alice.say(word)
+				saidAt = time.Now()
+			}
+		default:
+			t.Fatalf("alice got %+v, want the flood's message %d", ev, i)
+		}
+	}
+	elapsed := time.Since(start)
+	if heardAfter < 0 || heardAfter > 500*time.Millisecond {
+		t.Fatalf("alice's message took %v (negative: not before the flood ended), want it within 0.5 s", heardAfter)
+	}
+	if minimum := (total - burst) * interval; elapsed < minimum {
+		t.Fatalf("all %d messages arrived in %v: faster than the limit allows (%v)", total, elapsed, minimum)
+	}
+	t.Logf("all %d of the flood arrived, in order, over %v", total, elapsed.Round(time.Millisecond))
+
+	if err := <-sent; err != nil {
+		t.Fatal(err)
+	}
+	for i := 0; i < total; { // the flooder is still connected and got everything too
+		ev, err := flooder.read()
+		if err != nil {
+			t.Fatalf("the flooder lost its connection: %v", err)
+		}
+		if ev == msg(1, fmt.Sprint(i)) {
+			i++
+		} else if ev != msg(2, word) {
+			t.Fatalf("the flooder got %+v, want its message %d", ev, i)
+		}
+	}
+	flooder.say("done")
+	flooder.expect(msg(1, "done"))
+}
+
+// ---- Benchmarks ----
+//
+//	go test -bench . -run '^$'
+//	WSCHAT_BENCH_CONNS=10000 go test -bench IdleConnections -run '^$' -benchtime 1x
+
+// quiet is a room change for benchmarks: no log lines, no flood limit.
+func quiet(r *room) {
+	r.logf = func(string, ...any) {}
+	r.floodInterval = 0
+}
+
+// A tally counts deliveries across many client goroutines and lets one
+// goroutine wait until a count is reached.
+type tally struct {
+	mu      sync.Mutex
+	count   int
+	target  int
+	reached chan struct{}
+}
+
+func (t *tally) add(n int) {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	t.count += n
+	if t.reached != nil && t.count >= t.target {
+		close(t.reached)
+		t.reached = nil
+	}
+}
+
+// waitFor waits until count reaches target, for 60 s at most.
+func (t *tally) waitFor(tb testing.TB, target int) {
+	t.mu.Lock()
+	if t.count >= target {
+		t.mu.Unlock()
+		return
+	}
+	reached := make(chan struct{})
+	t.target, t.reached = target, reached
+	t.mu.Unlock()
+	select {
+	case <-reached:
+	case <-time.After(60 * time.Second):
+		t.mu.Lock()
+		defer t.mu.Unlock()
+		tb.Fatalf("gave up at %d of %d deliveries", t.count, target)
+	}
+}
+
+// dialMany connects n clients to url, dialing a few at a time, and gives
+// every frame each of them receives to onFrame, from one goroutine per
+// client, until the test ends.
+func dialMany(tb testing.TB, url string, n int, onFrame func(client int, frame []byte)) []*websocket.Conn {
+	tb.Helper()
+	conns := make([]*websocket.Conn, n)
+	var readers sync.WaitGroup
+	tb.Cleanup(func() {
+		for _, c := range conns {
+			if c != nil {
+				c.Close()
+			}
+		}
+		readers.Wait()
+	})
+	origin := "http://" + strings.TrimPrefix(strings.TrimSuffix(url, "/ws"), "ws://")
+	var dialers sync.WaitGroup
+	errs := make(chan error, n)
+	next := make(chan int, n)
+	for i := range n {
+		next <- i
+	}
+	close(next)
+	for range min(n, 16) {
+		dialers.Go(func() {
+			for i := range next {
+				conn, err := websocket.Dial(url, "", origin)
+				var hello []byte
+				if err == nil { // once the hello is here, the client is in the room
+					err = websocket.Message.Receive(conn, &hello)
+				}
+				if err != nil {
+					errs <- err
+					return
+				}
+				conns[i] = conn
+				readers.Go(func() {
+					var frame []byte
+					for websocket.Message.Receive(conn, &frame) == nil {
+						onFrame(i, frame)
+					}
+				})
+			}
+		})
+	}
+	dialers.Wait()
+	close(errs)
+	if err := <-errs; err != nil {
+		tb.Fatalf("dialing client: %v", err)
+	}
+	return conns
+}
+
+var msgMarker = []byte(`{"type":"msg"`)
+
+// BenchmarkBroadcast measures what one message costs, sent by one client and
+// received by every client, server and in-process clients together. In the
+// plain variant one sender waits for each message to reach everyone before it
+// sends the next, so every frame carries one event. In the burst variant 10
+// senders send 10 messages each at once, and the writers batch.
+func BenchmarkBroadcast(b *testing.B) {
+	for _, burst := range []bool{false, true} {
+		for _, clients := range []int{10, 100, 1000} {
+			name := fmt.Sprintf("clients=%d", clients)
+			if burst {
+				name = "burst/" + name
+			}
+			b.Run(name, func(b *testing.B) { benchBroadcast(b, clients, burst) })
+		}
+	}
+}
+
+func benchBroadcast(b *testing.B, clients int, burst bool) {
+	senders, perSender := 1, 1
+	if burst {
+		senders, perSender = 10, 10
+	}
+	_, srv := startServer(b, quiet)
+	var delivered tally
+	var frames atomic.Int64
+	conns := dialMany(b, wsURL(srv), clients, func(_ int, frame []byte) {
+		frames.Add(1)
+		delivered.add(bytes.Count(frame, msgMarker))
+	})
+	// One message through, so every join has been delivered before the clock starts.
+	websocket.Message.Send(conns[0], "warm-up")
+	delivered.waitFor(b, clients)
+	delivered = tally{}
+	frames.Store(0)
+
+	b.ReportAllocs()
+	b.ResetTimer()
+	for sent := 0; sent < b.N; {
+		round := min(senders*perSender, b.N-sent)
+		var wg sync.WaitGroup
+		for s := range senders {
+			share := round/senders + btoi(s < round%senders)
+			wg.Go(func() {
+				for range share {
+					websocket.Message.Send(conns[s], "a message of a typical length for a chat")
+				}
+			})
+		}
+		wg.Wait()
+		sent += round
+		delivered.waitFor(b, sent*clients)
+	}
+	b.StopTimer()
+	perDelivery := float64(b.Elapsed().Nanoseconds()) / float64(b.N*clients)
+	b.ReportMetric(perDelivery, "ns/delivery")
+	b.ReportMetric(1e9/perDelivery, "deliveries/s")
+	b.ReportMetric(float64(b.N*clients)/float64(frames.Load()), "events/frame")
+}
+
+func btoi(b bool) int {
+	if b {
+		return 1
+	}
+	return 0
 }
