@@ -18,6 +18,7 @@ import (
 	"os/exec"
 	"runtime"
 	"slices"
+	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -669,7 +670,7 @@ func TestShutdownClosesEveryConnection(t *testing.T) {
 
 // startMain runs main with args in a child process and returns the first
 // address it printed.
-func startMain(t *testing.T, args ...string) (*exec.Cmd, string) {
+func startMain(t testing.TB, args ...string) (*exec.Cmd, string) {
 	t.Helper()
 	cmd := exec.Command(os.Args[0], args...)
 	// The race detector sleeps 1 s before a process exits; that is not main's time.
@@ -856,8 +857,8 @@ func (t *tally) add(n int) {
 	}
 }
 
-// waitFor waits until count reaches target, for 60 s at most.
-func (t *tally) waitFor(tb testing.TB, target int) {
+// waitFor waits until count reaches target, failing after timeout.
+func (t *tally) waitFor(tb testing.TB, target int, timeout time.Duration) {
 	t.mu.Lock()
 	if t.count >= target {
 		t.mu.Unlock()
@@ -868,7 +869,7 @@ func (t *tally) waitFor(tb testing.TB, target int) {
 	t.mu.Unlock()
 	select {
 	case <-reached:
-	case <-time.After(60 * time.Second):
+	case <-time.After(timeout):
 		t.mu.Lock()
 		defer t.mu.Unlock()
 		tb.Fatalf("gave up at %d of %d deliveries", t.count, target)
@@ -902,9 +903,9 @@ func dialMany(tb testing.TB, url string, n int, onFrame func(client int, frame [
 		dialers.Go(func() {
 			for i := range next {
 				conn, err := websocket.Dial(url, "", origin)
-				var hello []byte
-				if err == nil { // once the hello is here, the client is in the room
-					err = websocket.Message.Receive(conn, &hello)
+				var first []byte
+				if err == nil { // once its hello is here, the client is in the room
+					err = websocket.Message.Receive(conn, &first)
 				}
 				if err != nil {
 					errs <- err
@@ -912,9 +913,11 @@ func dialMany(tb testing.TB, url string, n int, onFrame func(client int, frame [
 				}
 				conns[i] = conn
 				readers.Go(func() {
-					var frame []byte
-					for websocket.Message.Receive(conn, &frame) == nil {
+					for frame := first; ; {
 						onFrame(i, frame)
+						if websocket.Message.Receive(conn, &frame) != nil {
+							return
+						}
 					}
 				})
 			}
@@ -961,7 +964,7 @@ func benchBroadcast(b *testing.B, clients int, burst bool) {
 	})
 	// One message through, so every join has been delivered before the clock starts.
 	websocket.Message.Send(conns[0], "warm-up")
-	delivered.waitFor(b, clients)
+	delivered.waitFor(b, clients, time.Minute)
 	delivered = tally{}
 	frames.Store(0)
 
@@ -980,7 +983,7 @@ func benchBroadcast(b *testing.B, clients int, burst bool) {
 		}
 		wg.Wait()
 		sent += round
-		delivered.waitFor(b, sent*clients)
+		delivered.waitFor(b, sent*clients, time.Minute)
 	}
 	b.StopTimer()
 	perDelivery := float64(b.Elapsed().Nanoseconds()) / float64(b.N*clients)
@@ -994,4 +997,163 @@ func btoi(b bool) int {
 		return 1
 	}
 	return 0
+}
+
+// BenchmarkSteadyLatency is a busy evening in a big room: 1000 clients, 10 of
+// whom send 5 messages a second each (within the flood limit, which stays on)
+// for 3 s. It reports the time from a send to the last client's receipt.
+func BenchmarkSteadyLatency(b *testing.B) {
+	const clients, senders, perSecond, duration = 1000, 10, 5, 3 * time.Second
+	_, srv := startServer(b, func(r *room) { r.logf = func(string, ...any) {} })
+
+	// Message i says "#i#". Clients find it with a byte search, not a JSON
+	// decoder, so that the clients cost the measurement as little as possible.
+	perSender := int(duration.Seconds() * perSecond)
+	total := senders * perSender
+	var sentAt, lastAt []atomic.Int64 // nanoseconds since base
+	var receipts []atomic.Int32
+	base := time.Now()
+	var delivered tally
+	conns := dialMany(b, wsURL(srv), clients, func(_ int, frame []byte) {
+		now := int64(time.Since(base))
+		n := 0
+		for rest := frame; ; n++ {
+			_, after, found := bytes.Cut(rest, []byte(`"msg":"#`))
+			if !found {
+				break
+			}
+			digits, tail, _ := bytes.Cut(after, []byte("#"))
+			rest = tail
+			i, _ := strconv.Atoi(string(digits))
+			if receipts[i].Add(1) == clients {
+				lastAt[i].Store(now)
+			}
+		}
+		delivered.add(n)
+	})
+
+	sentAt, lastAt, receipts = make([]atomic.Int64, total*b.N), make([]atomic.Int64, total*b.N), make([]atomic.Int32, total*b.N)
+	var latencies []time.Duration
+	for round := range b.N {
+		var wg sync.WaitGroup
+		for s := range senders {
+			wg.Go(func() {
+				// Senders take turns, so the room sees one message every 20 ms.
+				time.Sleep(time.Duration(s) * time.Second / perSecond / senders)
+				tick := time.NewTicker(time.Second / perSecond)
+				defer tick.Stop()
+				for j := range perSender {
+					i := round*total + j*senders + s
+					sentAt[i].Store(int64(time.Since(base)))
+					websocket.Message.Send(conns[s], fmt.Sprintf("#%d#", i))
+					<-tick.C
+				}
+			})
+		}
+		wg.Wait()
+		delivered.waitFor(b, (round+1)*total*clients, time.Minute)
+		for i := round * total; i < (round+1)*total; i++ {
+			latencies = append(latencies, time.Duration(lastAt[i].Load()-sentAt[i].Load()))
+		}
+	}
+	slices.Sort(latencies)
+	ms := func(d time.Duration) float64 { return float64(d) / float64(time.Millisecond) }
+	b.ReportMetric(ms(latencies[len(latencies)/2]), "p50-ms")
+	b.ReportMetric(ms(latencies[len(latencies)*99/100]), "p99-ms")
+	b.ReportMetric(ms(latencies[len(latencies)-1]), "max-ms")
+	b.ReportMetric(0, "ns/op") // one op is a 3 s scenario: its time says nothing
+}
+
+// BenchmarkIdleConnections runs the real main in a child process, connects
+// N clients to it (1000, or WSCHAT_BENCH_CONNS), and reports how long it took
+// until every client had heard of every join, the server's own resident
+// memory per connection once the joins have settled, and how long one message
+// then takes to reach all N.
+func BenchmarkIdleConnections(b *testing.B) {
+	n := 1000
+	if s := os.Getenv("WSCHAT_BENCH_CONNS"); s != "" {
+		var err error
+		if n, err = strconv.Atoi(s); err != nil || n < 2 {
+			b.Fatalf("WSCHAT_BENCH_CONNS=%q: want a number of connections, at least 2", s)
+		}
+	}
+	if _, err := os.Stat("/proc/self/status"); err != nil {
+		b.Skip("measuring the server's memory needs Linux's /proc")
+	}
+	// Go raises the soft limit on open files to the hard limit at start-up;
+	// this process needs one per client, and the server one per connection.
+	if limit := openFileLimit(); limit < n+100 {
+		b.Skipf("%d connections need %d open files per process; the limit here is %d (raise it with ulimit -n)", n, n+100, limit)
+	}
+	for range b.N {
+		benchIdle(b, n)
+	}
+}
+
+func benchIdle(b *testing.B, n int) {
+	cmd, addr := startMain(b, "-addr", "127.0.0.1:0")
+	before := residentKB(b, cmd.Process.Pid)
+
+	var joined, heard, left tally
+	settled := make([]bool, n) // client i has seen "online":n; only its reader touches settled[i]
+	start := time.Now()
+	conns := dialMany(b, "ws://"+addr+"/ws", n, func(i int, frame []byte) {
+		left.add(bytes.Count(frame, []byte(`"type":"leave"`)))
+		heard.add(bytes.Count(frame, msgMarker))
+		if !settled[i] && bytes.HasSuffix(frame, fmt.Appendf(nil, `"online":%d}`, n)) {
+			settled[i] = true
+			joined.add(1)
+		}
+	})
+	dialed := time.Since(start)
+	joined.waitFor(b, n, 10*time.Minute)
+	joinTime := time.Since(start)
+	if left.count > 0 {
+		b.Fatalf("%d clients were disconnected while joining", left.count)
+	}
+	after := residentKB(b, cmd.Process.Pid)
+
+	start = time.Now()
+	websocket.Message.Send(conns[0], "hello, everyone")
+	heard.waitFor(b, n, time.Minute)
+	reachAll := time.Since(start)
+
+	b.ReportMetric(float64(after-before)/float64(n), "server-KB/conn")
+	b.ReportMetric(dialed.Seconds(), "dial-s")
+	b.ReportMetric(joinTime.Seconds(), "join-s")
+	b.ReportMetric(float64(reachAll)/float64(time.Millisecond), "reach-all-ms")
+	b.ReportMetric(0, "ns/op")
+}
+
+// residentKB reads a process's resident memory from /proc.
+func residentKB(tb testing.TB, pid int) int {
+	status, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
+	if err != nil {
+		tb.Fatal(err)
+	}
+	for line := range strings.Lines(string(status)) {
+		if rest, ok := strings.CutPrefix(line, "VmRSS:"); ok {
+			kb, err := strconv.Atoi(strings.TrimSuffix(strings.TrimSpace(rest), " kB"))
+			if err != nil {
+				tb.Fatal(err)
+			}
+			return kb
+		}
+	}
+	tb.Fatal("no VmRSS in " + string(status))
+	return 0
+}
+
+// openFileLimit reads this process's limit on open files from /proc, or
+// returns a large number where it cannot tell.
+func openFileLimit() int {
+	limits, _ := os.ReadFile("/proc/self/limits")
+	for line := range strings.Lines(string(limits)) {
+		if rest, ok := strings.CutPrefix(line, "Max open files"); ok {
+			if soft, err := strconv.Atoi(strings.Fields(rest)[0]); err == nil {
+				return soft
+			}
+		}
+	}
+	return 1 << 30
 }
