@@ -16,6 +16,7 @@
 package main
 
 import (
+	"bufio"
 	"bytes"
 	"context"
 	_ "embed"
@@ -44,12 +45,13 @@ var indexHTML []byte
 // The limits. A room copies them when it is made; tests lower them on their
 // own room so that, say, a slow client is found slow in milliseconds.
 const (
-	maxMessageBytes = 4096             // a larger frame closes the sender's connection
-	queueLimit      = 4096             // events waiting for one client before it counts as too slow
-	writeTimeout    = 10 * time.Second // a write blocked this long: the client is stuck or gone
-	floodBurst      = 20               // messages a client may send at once...
-	floodRate       = 10               // ...and per second after that
-	shutdownGrace   = time.Second      // time to finish a write and send a close frame at exit
+	maxMessageBytes = 4096                   // a larger frame closes the sender's connection
+	queueLimit      = 4096                   // events waiting for one client before it counts as too slow
+	writeTimeout    = 10 * time.Second       // a write blocked this long: the client is stuck or gone
+	floodBurst      = 20                     // messages a client may send at once...
+	floodRate       = 10                     // ...and per second after that
+	presenceDelay   = 100 * time.Millisecond // longest a join or leave notice waits for company
+	shutdownGrace   = time.Second            // time to finish a write and send a close frame at exit
 )
 
 func main() {
@@ -118,9 +120,34 @@ func (r *room) routes() http.Handler {
 	})
 	// websocket.Handler would refuse clients that send no Origin at all, such
 	// as command-line tools; websocket.Server lets us write the check we want.
-	mux.Handle("GET /ws", websocket.Server{Handshake: checkOrigin, Handler: r.serveClient})
+	chat := websocket.Server{Handshake: checkOrigin, Handler: r.serveClient}
+	// websocket.Server runs a whole connection inside ServeHTTP, which would
+	// keep net/http's goroutine for the request alive as long as the chat
+	// lasts, with its deep stack and buffers: about 12 KB per connection. So
+	// we take the connection over first, and hand it to websocket.Server on a
+	// goroutine of our own; net/http's goroutine then ends at once.
+	mux.HandleFunc("GET /ws", func(w http.ResponseWriter, req *http.Request) {
+		conn, rw, err := http.NewResponseController(w).Hijack()
+		if err != nil {
+			http.Error(w, err.Error(), http.StatusInternalServerError)
+			return
+		}
+		go chat.ServeHTTP(hijacked{conn, rw}, req)
+	})
 	return mux
 }
+
+// hijacked is the ResponseWriter of a connection we have taken over already:
+// all websocket.Server does with it is take it over again.
+type hijacked struct {
+	conn net.Conn
+	rw   *bufio.ReadWriter
+}
+
+func (h hijacked) Hijack() (net.Conn, *bufio.ReadWriter, error) { return h.conn, h.rw, nil }
+func (h hijacked) Header() http.Header                          { return http.Header{} }
+func (h hijacked) Write([]byte) (int, error)                    { return 0, http.ErrHijacked }
+func (h hijacked) WriteHeader(int)                              {}
 
 // checkOrigin refuses a handshake started by a page from another site.
 // Browsers send cookies and connect from the visitor's own network, so without
@@ -161,13 +188,15 @@ type room struct {
 	writeTimeout  time.Duration
 	floodBurst    int
 	floodInterval time.Duration // time between messages, once the burst is spent
+	presenceDelay time.Duration
 	logf          func(format string, args ...any)
 
-	mu       sync.Mutex
-	clients  map[*client]bool
-	lastUID  int  // user ids count up and are never reused
-	closing  bool // shutting down: nobody new may join
-	handlers sync.WaitGroup
+	mu             sync.Mutex
+	clients        map[*client]bool
+	lastUID        int  // user ids count up and are never reused
+	flushScheduled bool // flushPresence will run within presenceDelay
+	closing        bool // shutting down: nobody new may join
+	handlers       sync.WaitGroup
 }
 
 // A client is one WebSocket connection. serveClient owns it from handshake to
@@ -188,13 +217,14 @@ func newRoom() *room {
 		writeTimeout:  writeTimeout,
 		floodBurst:    floodBurst,
 		floodInterval: time.Second / floodRate,
+		presenceDelay: presenceDelay,
 		logf:          log.Printf,
 		clients:       make(map[*client]bool),
 	}
 }
 
 // serveClient runs for the whole life of one connection, on the goroutine
-// net/http started for it. It joins the room, reads until the client goes,
+// routes started for it. It joins the room, reads until the client goes,
 // then leaves and closes the connection. Nothing else closes a connection.
 func (r *room) serveClient(conn *websocket.Conn) {
 	conn.MaxPayloadBytes = maxMessageBytes // the default is 32 MB
@@ -227,8 +257,8 @@ func (r *room) join(conn *websocket.Conn) *client {
 	r.clients[c] = true
 	online := len(r.clients)
 	r.logf("user %d joined from %s (%d online)", c.uid, conn.Request().RemoteAddr, online)
-	r.sendLocked(c, encode(event{Type: "hello", UID: c.uid, Online: online}))
-	r.broadcastLocked(encode(event{Type: "join", UID: c.uid, Online: online}), c)
+	r.sendLocked(c, encode(event{Type: "hello", UID: c.uid, Online: online}), true)
+	r.broadcastLocked(encode(event{Type: "join", UID: c.uid, Online: online}), c, false)
 	return c
 }
 
@@ -289,15 +319,16 @@ func (r *room) broadcastMessage(from *client, text string) {
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	if r.clients[from] { // a client the room has dropped speaks no more
-		r.broadcastLocked(ev, nil)
+		r.broadcastLocked(ev, nil, true)
 	}
 }
 
-// broadcastLocked queues an event for every client except skip. It never
-// waits on a connection. A client whose queue is already full cannot keep up:
-// it is dropped, and its leave broadcast in turn, rather than skipped.
+// broadcastLocked queues an event for every client except skip (see
+// sendLocked for urgent). It never waits on a connection. A client whose
+// queue is already full cannot keep up: it is dropped, and its leave
+// broadcast in turn, rather than skipped.
 // r.mu must be held; holding it is what gives every client the same order.
-func (r *room) broadcastLocked(ev []byte, skip *client) {
+func (r *room) broadcastLocked(ev []byte, skip *client, urgent bool) {
 	var tooSlow []*client
 	for c := range r.clients {
 		if c == skip {
@@ -307,18 +338,44 @@ func (r *room) broadcastLocked(ev []byte, skip *client) {
 			tooSlow = append(tooSlow, c)
 			continue
 		}
-		r.sendLocked(c, ev)
+		r.sendLocked(c, ev, urgent)
 	}
 	for _, c := range tooSlow {
 		r.dropLocked(c, fmt.Sprintf("too slow: %d events waiting", len(c.queue)))
 	}
 }
 
-// sendLocked queues one event for one client, and starts the client's writer
-// if it is not running. A writer exists only while there is something to
-// write, so an idle connection costs no goroutine of its own.
-func (r *room) sendLocked(c *client, ev []byte) {
+// sendLocked queues one event for one client. An urgent event (hello, or a
+// chat message) starts the client's writer at once. A join or leave notice
+// waits for the next presence flush instead, at most presenceDelay away:
+// when a thousand people arrive at once, each client then gets one frame
+// per flush rather than one per arrival. Either way the queue keeps its order.
+func (r *room) sendLocked(c *client, ev []byte, urgent bool) {
 	c.queue = append(c.queue, ev)
+	if urgent {
+		r.startWriterLocked(c)
+	} else if !r.flushScheduled {
+		r.flushScheduled = true
+		time.AfterFunc(r.presenceDelay, r.flushPresence)
+	}
+}
+
+// flushPresence starts the writer of every client that has notices waiting.
+func (r *room) flushPresence() {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	r.flushScheduled = false
+	for c := range r.clients {
+		if len(c.queue) > 0 {
+			r.startWriterLocked(c)
+		}
+	}
+}
+
+// startWriterLocked starts the client's writer unless it is running. A writer
+// exists only while there is something to write, so an idle connection costs
+// no goroutine of its own.
+func (r *room) startWriterLocked(c *client) {
 	if !c.writing {
 		c.writing = true
 		c.writer.Add(1)
@@ -400,7 +457,7 @@ func (r *room) removeLocked(c *client, reason string) {
 	c.queue = nil
 	r.logf("user %d left: %s (%d online)", c.uid, reason, len(r.clients))
 	if !r.closing {
-		r.broadcastLocked(encode(event{Type: "leave", UID: c.uid, Online: len(r.clients)}), nil)
+		r.broadcastLocked(encode(event{Type: "leave", UID: c.uid, Online: len(r.clients)}), nil, false)
 	}
 }
 

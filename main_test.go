@@ -9,6 +9,7 @@ import (
 	"bufio"
 	"bytes"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"io"
 	"net"
@@ -17,6 +18,7 @@ import (
 	"os"
 	"os/exec"
 	"runtime"
+	"runtime/debug"
 	"slices"
 	"strconv"
 	"strings"
@@ -32,10 +34,23 @@ import (
 // re-executes itself with WSCHAT_RUN_MAIN=1 and the flags main should see.
 func TestMain(m *testing.M) {
 	if os.Getenv("WSCHAT_RUN_MAIN") == "1" {
+		go collectOnRequest()
 		main()
 		os.Exit(0)
 	}
 	os.Exit(m.Run())
+}
+
+// collectOnRequest lets BenchmarkIdleConnections tell live memory from
+// garbage in the child: each line on stdin asks for a full collection, and
+// what is left goes back on stdout.
+func collectOnRequest() {
+	for lines := bufio.NewScanner(os.Stdin); lines.Scan(); {
+		debug.FreeOSMemory() // collect everything, and give freed memory back to the OS
+		var m runtime.MemStats
+		runtime.ReadMemStats(&m)
+		fmt.Printf("collected: heap %d stacks %d\n", m.HeapInuse, m.StackInuse)
+	}
 }
 
 // ---- Helpers ----
@@ -668,37 +683,42 @@ func TestShutdownClosesEveryConnection(t *testing.T) {
 
 // ---- The real main, in a child process ----
 
-// startMain runs main with args in a child process and returns the first
-// address it printed.
-func startMain(t testing.TB, args ...string) (*exec.Cmd, string) {
+// A mainProcess is the real main, running in a child process.
+type mainProcess struct {
+	cmd    *exec.Cmd
+	addr   string         // the first address it printed
+	stdin  io.Writer      // see collectOnRequest
+	stdout *bufio.Scanner // the rest of what it prints
+}
+
+func startMain(t testing.TB, args ...string) *mainProcess {
 	t.Helper()
-	cmd := exec.Command(os.Args[0], args...)
+	p := &mainProcess{cmd: exec.Command(os.Args[0], args...)}
 	// The race detector sleeps 1 s before a process exits; that is not main's time.
-	cmd.Env = append(os.Environ(), "WSCHAT_RUN_MAIN=1", "GORACE=atexit_sleep_ms=0")
-	stdout, err := cmd.StdoutPipe()
-	if err != nil {
+	p.cmd.Env = append(os.Environ(), "WSCHAT_RUN_MAIN=1", "GORACE=atexit_sleep_ms=0")
+	stdin, err1 := p.cmd.StdinPipe()
+	stdout, err2 := p.cmd.StdoutPipe()
+	if err := errors.Join(err1, err2, p.cmd.Start()); err != nil {
 		t.Fatal(err)
 	}
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { cmd.Process.Kill(); cmd.Wait() })
-	lines := bufio.NewScanner(stdout)
-	for lines.Scan() {
-		if _, addr, ok := strings.Cut(lines.Text(), "http://"); ok {
-			go io.Copy(io.Discard, stdout) // ends when the child exits
-			return cmd, addr
+	t.Cleanup(func() { p.cmd.Process.Kill(); p.cmd.Wait() })
+	p.stdin, p.stdout = stdin, bufio.NewScanner(stdout)
+	for p.stdout.Scan() {
+		if _, addr, ok := strings.Cut(p.stdout.Text(), "http://"); ok {
+			p.addr = addr
+			return p
 		}
 	}
 	t.Fatal("main printed no http:// address")
-	return nil, ""
+	return nil
 }
 
 func TestMainStopsCleanlyOnSignal(t *testing.T) {
 	if runtime.GOOS == "windows" {
 		t.Skip("no SIGINT to send on Windows")
 	}
-	cmd, addr := startMain(t, "-addr", "127.0.0.1:0")
+	p := startMain(t, "-addr", "127.0.0.1:0")
+	cmd, addr := p.cmd, p.addr
 	t.Logf("main is listening on %s", addr)
 	conn, err := websocket.Dial("ws://"+addr+"/ws", "", "http://"+addr)
 	if err != nil {
@@ -1091,13 +1111,14 @@ func BenchmarkIdleConnections(b *testing.B) {
 }
 
 func benchIdle(b *testing.B, n int) {
-	cmd, addr := startMain(b, "-addr", "127.0.0.1:0")
-	before := residentKB(b, cmd.Process.Pid)
+	server := startMain(b, "-addr", "127.0.0.1:0")
+	pid := server.cmd.Process.Pid
+	before := residentKB(b, pid)
 
 	var joined, heard, left tally
 	settled := make([]bool, n) // client i has seen "online":n; only its reader touches settled[i]
 	start := time.Now()
-	conns := dialMany(b, "ws://"+addr+"/ws", n, func(i int, frame []byte) {
+	conns := dialMany(b, "ws://"+server.addr+"/ws", n, func(i int, frame []byte) {
 		left.add(bytes.Count(frame, []byte(`"type":"leave"`)))
 		heard.add(bytes.Count(frame, msgMarker))
 		if !settled[i] && bytes.HasSuffix(frame, fmt.Appendf(nil, `"online":%d}`, n)) {
@@ -1111,14 +1132,27 @@ func benchIdle(b *testing.B, n int) {
 	if left.count > 0 {
 		b.Fatalf("%d clients were disconnected while joining", left.count)
 	}
-	after := residentKB(b, cmd.Process.Pid)
+	settledKB := residentKB(b, pid)
+	// How much of that is live, and how much garbage the join storm left for
+	// the next collection? Ask the server for a full collection, and look again.
+	io.WriteString(server.stdin, "collect\n")
+	var heap, stacks int
+	if !server.stdout.Scan() {
+		b.Fatal("no answer from the server")
+	}
+	fmt.Sscanf(server.stdout.Text(), "collected: heap %d stacks %d", &heap, &stacks)
+	liveKB := residentKB(b, pid)
 
 	start = time.Now()
 	websocket.Message.Send(conns[0], "hello, everyone")
 	heard.waitFor(b, n, time.Minute)
 	reachAll := time.Since(start)
 
-	b.ReportMetric(float64(after-before)/float64(n), "server-KB/conn")
+	perConn := func(kb int) float64 { return float64(kb) / float64(n) }
+	b.ReportMetric(perConn(settledKB-before), "server-KB/conn")
+	b.ReportMetric(perConn(liveKB-before), "live-KB/conn")
+	b.ReportMetric(perConn(heap/1024), "heap-KB/conn")
+	b.ReportMetric(perConn(stacks/1024), "stacks-KB/conn")
 	b.ReportMetric(dialed.Seconds(), "dial-s")
 	b.ReportMetric(joinTime.Seconds(), "join-s")
 	b.ReportMetric(float64(reachAll)/float64(time.Millisecond), "reach-all-ms")
