@@ -1191,3 +1191,56 @@ func openFileLimit() int {
 	}
 	return 1 << 30
 }
+
+// BenchmarkLoopbackFloor is the cheapest broadcast this machine can do: 1000
+// plain TCP connections over loopback, no WebSocket and no room. One op writes
+// 60 bytes to each and waits until every reader has them. It is the floor
+// under BenchmarkBroadcast/clients=1000 and BenchmarkSteadyLatency.
+func BenchmarkLoopbackFloor(b *testing.B) {
+	const clients, size = 1000, 60
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		b.Fatal(err)
+	}
+	var received tally
+	var readers sync.WaitGroup
+	writers := make([]net.Conn, clients)
+	b.Cleanup(func() {
+		for _, w := range writers {
+			if w != nil {
+				w.Close()
+			}
+		}
+		ln.Close()
+		readers.Wait()
+	})
+	for i := range writers {
+		if writers[i], err = net.Dial("tcp", ln.Addr().String()); err != nil {
+			b.Fatal(err)
+		}
+		r, err := ln.Accept()
+		if err != nil {
+			b.Fatal(err)
+		}
+		readers.Go(func() {
+			defer r.Close()
+			buf := make([]byte, 4096)
+			for {
+				n, err := r.Read(buf)
+				if err != nil {
+					return
+				}
+				received.add(n)
+			}
+		})
+	}
+	msg := make([]byte, size)
+	b.ResetTimer()
+	for i := range b.N {
+		for _, w := range writers {
+			w.Write(msg)
+		}
+		received.waitFor(b, (i+1)*clients*size, time.Minute)
+	}
+	b.ReportMetric(float64(b.Elapsed().Nanoseconds())/float64(b.N*clients), "ns/delivery")
+}
