@@ -877,6 +877,19 @@ func (t *tally) add(n int) {
 	}
 }
 
+func (t *tally) value() int {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	return t.count
+}
+
+// reset starts the count again from zero.
+func (t *tally) reset() {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	t.count = 0
+}
+
 // waitFor waits until count reaches target, failing after timeout.
 func (t *tally) waitFor(tb testing.TB, target int, timeout time.Duration) {
 	t.mu.Lock()
@@ -985,7 +998,7 @@ func benchBroadcast(b *testing.B, clients int, burst bool) {
 	// One message through, so every join has been delivered before the clock starts.
 	websocket.Message.Send(conns[0], "warm-up")
 	delivered.waitFor(b, clients, time.Minute)
-	delivered = tally{}
+	delivered.reset()
 	frames.Store(0)
 
 	b.ReportAllocs()
@@ -1129,8 +1142,8 @@ func benchIdle(b *testing.B, n int) {
 	dialed := time.Since(start)
 	joined.waitFor(b, n, 10*time.Minute)
 	joinTime := time.Since(start)
-	if left.count > 0 {
-		b.Fatalf("%d clients were disconnected while joining", left.count)
+	if kicked := left.value(); kicked > 0 {
+		b.Fatalf("%d clients were disconnected while joining", kicked)
 	}
 	settledKB := residentKB(b, pid)
 	// How much of that is live, and how much garbage the join storm left for
