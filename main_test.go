@@ -92,6 +92,22 @@ func dial(t testing.TB, srv *httptest.Server, name string) *testClient {
 	return &testClient{t: t, name: name, conn: conn}
 }
 
+// joinRoom connects one client per name, in order, to a fresh room, checking
+// that each gets its hello and that everyone already there hears of its join.
+func joinRoom(t testing.TB, srv *httptest.Server, names ...string) []*testClient {
+	t.Helper()
+	var users []*testClient
+	for i, name := range names {
+		u := dial(t, srv, name)
+		u.expect(hello(i+1, i+1))
+		for _, earlier := range users {
+			earlier.expect(join(i+1, i+1))
+		}
+		users = append(users, u)
+	}
+	return users
+}
+
 // read returns the next event, waiting at most 5 s. It checks the frame
 // format on the way: one JSON object per line, no empty lines.
 func (tc *testClient) read() (event, error) {
@@ -374,15 +390,8 @@ func TestIDsAreNeverReused(t *testing.T) {
 
 func TestMessageReachesEveryoneIncludingSender(t *testing.T) {
 	_, srv := startServer(t, nil)
-	alice := dial(t, srv, "alice")
-	alice.expect(hello(1, 1))
-	bob := dial(t, srv, "bob")
-	bob.expect(hello(2, 2))
-	alice.expect(join(2, 2))
-	carol := dial(t, srv, "carol")
-	carol.expect(hello(3, 3))
-	alice.expect(join(3, 3))
-	bob.expect(join(3, 3))
+	users := joinRoom(t, srv, "alice", "bob", "carol")
+	alice, bob, carol := users[0], users[1], users[2]
 
 	bob.say("hello, room")
 	for _, c := range []*testClient{alice, bob, carol} {
@@ -405,11 +414,8 @@ func TestMessagesAreTrimmedAndEmptyOnesIgnored(t *testing.T) {
 
 func TestTextIsRelayedVerbatim(t *testing.T) {
 	_, srv := startServer(t, nil)
-	alice := dial(t, srv, "alice")
-	alice.expect(hello(1, 1))
-	bob := dial(t, srv, "bob")
-	bob.expect(hello(2, 2))
-	alice.expect(join(2, 2))
+	users := joinRoom(t, srv, "alice", "bob")
+	alice, bob := users[0], users[1]
 
 	for _, text := range []string{
 		`<script>alert("hi")</script>`,
@@ -439,11 +445,8 @@ func TestTextIsRelayedVerbatim(t *testing.T) {
 
 func TestOversizedFrameClosesOnlyItsSender(t *testing.T) {
 	_, srv := startServer(t, nil)
-	alice := dial(t, srv, "alice")
-	alice.expect(hello(1, 1))
-	mallory := dial(t, srv, "mallory")
-	mallory.expect(hello(2, 2))
-	alice.expect(join(2, 2))
+	users := joinRoom(t, srv, "alice", "mallory")
+	alice, mallory := users[0], users[1]
 
 	exactly := strings.Repeat("x", maxMessageBytes)
 	mallory.say(exactly) // at the limit: fine
@@ -463,11 +466,8 @@ func TestOversizedFrameClosesOnlyItsSender(t *testing.T) {
 
 func TestBinaryFrameClosesOnlyItsSender(t *testing.T) {
 	_, srv := startServer(t, nil)
-	alice := dial(t, srv, "alice")
-	alice.expect(hello(1, 1))
-	bot := dial(t, srv, "bot")
-	bot.expect(hello(2, 2))
-	alice.expect(join(2, 2))
+	users := joinRoom(t, srv, "alice", "bot")
+	alice, bot := users[0], users[1]
 
 	if err := websocket.Message.Send(bot.conn, []byte{0, 1, 2}); err != nil {
 		t.Fatal(err)
@@ -481,15 +481,11 @@ func TestBinaryFrameClosesOnlyItsSender(t *testing.T) {
 func TestSameOrderEverywhere(t *testing.T) {
 	const clients, perClient = 8, 50
 	_, srv := startServer(t, func(r *room) { r.floodInterval = 0 }) // no flood limit
-	var users []*testClient
+	var names []string
 	for i := range clients {
-		u := dial(t, srv, fmt.Sprintf("user %d", i+1))
-		u.expect(hello(i+1, i+1))
-		for _, earlier := range users {
-			earlier.expect(join(i+1, i+1))
-		}
-		users = append(users, u)
+		names = append(names, fmt.Sprintf("user %d", i+1))
 	}
+	users := joinRoom(t, srv, names...)
 
 	t.Logf("%d users each send %d messages, all at once", clients, perClient)
 	received := make([][]event, clients)
@@ -790,11 +786,8 @@ func TestMainReportsBusyPort(t *testing.T) {
 func TestFloodIsThrottledNotDropped(t *testing.T) {
 	const burst, interval, total = 20, 5 * time.Millisecond, 200
 	_, srv := startServer(t, func(r *room) { r.floodBurst, r.floodInterval = burst, interval })
-	flooder := dial(t, srv, "flooder")
-	flooder.expect(hello(1, 1))
-	alice := dial(t, srv, "alice")
-	alice.expect(hello(2, 2))
-	flooder.expect(join(2, 2))
+	users := joinRoom(t, srv, "flooder", "alice")
+	flooder, alice := users[0], users[1]
 
 	t.Logf("the flooder sends %d messages at full speed; the limit is %d at once, then one per %v", total, burst, interval)
 	start := time.Now()
