@@ -291,6 +291,8 @@ func (r *room) readMessages(c *client) (reason string) {
 			return "sent a binary frame"
 		case errors.Is(err, io.EOF):
 			return "closed the connection"
+		case errors.Is(err, syscall.ETIMEDOUT):
+			return "vanished: no answer to keep-alive probes"
 		case err != nil:
 			return err.Error()
 		}
