@@ -173,15 +173,15 @@ func (tc *testClient) expectClosed() {
 
 // rawHandshake opens a WebSocket by hand, so a test can choose the Origin
 // header (x/net's client always sends one) and see every byte of the reply.
-func rawHandshake(t testing.TB, srv *httptest.Server, origin string) (*http.Response, net.Conn, *bufio.Reader) {
+func rawHandshake(t testing.TB, addr, origin string) (*http.Response, net.Conn, *bufio.Reader) {
 	t.Helper()
-	conn, err := net.Dial("tcp", srv.Listener.Addr().String())
+	conn, err := net.Dial("tcp", addr)
 	if err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { conn.Close() })
 	conn.SetDeadline(time.Now().Add(10 * time.Second))
-	req := "GET /ws HTTP/1.1\r\nHost: " + srv.Listener.Addr().String() + "\r\n" +
+	req := "GET /ws HTTP/1.1\r\nHost: " + addr + "\r\n" +
 		"Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\n" +
 		"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
 	if origin != "" {
@@ -327,7 +327,7 @@ func TestOrigin(t *testing.T) {
 		{"no origin (a command-line client)", "", http.StatusSwitchingProtocols},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			resp, _, br := rawHandshake(t, srv, tc.origin)
+			resp, _, br := rawHandshake(t, srv.Listener.Addr().String(), tc.origin)
 			if resp.StatusCode != tc.want {
 				t.Fatalf("Origin %q: status %d, want %d", tc.origin, resp.StatusCode, tc.want)
 			}
@@ -477,6 +477,38 @@ func TestBinaryFrameClosesOnlyItsSender(t *testing.T) {
 }
 
 // ---- Delivery guarantees ----
+
+// Events waiting for a client travel together in one frame, one per line, in
+// order. Here join notices wait for a presence flush that never comes, so
+// they are still queued when a chat message wakes the writers.
+func TestWaitingEventsTravelInOneFrame(t *testing.T) {
+	r, srv := startServer(t, func(r *room) { r.presenceDelay = time.Hour })
+	alice := dial(t, srv, "alice")
+	alice.expect(hello(1, 1))
+	onServer := r.serverSide(1)
+	waitFor(t, "alice's writer to end after her hello", func() bool {
+		r.mu.Lock()
+		defer r.mu.Unlock()
+		return !onServer.writing
+	})
+	dial(t, srv, "bob").expect(hello(2, 2))
+	carol := dial(t, srv, "carol")
+	carol.expect(hello(3, 3))
+	carol.say("hi")
+
+	alice.conn.SetReadDeadline(time.Now().Add(5 * time.Second))
+	var frame string
+	if err := websocket.Message.Receive(alice.conn, &frame); err != nil {
+		t.Fatal(err)
+	}
+	want := `{"type":"join","uid":2,"online":2}` + "\n" +
+		`{"type":"join","uid":3,"online":3}` + "\n" +
+		`{"type":"msg","uid":3,"msg":"hi"}`
+	if frame != want {
+		t.Fatalf("alice's frame:\n%s\nwant:\n%s", frame, want)
+	}
+	t.Logf("alice received one frame:\n%s", frame)
+}
 
 func TestSameOrderEverywhere(t *testing.T) {
 	const clients, perClient = 8, 50
@@ -648,8 +680,8 @@ func TestShutdownClosesEveryConnection(t *testing.T) {
 	r, srv := startServer(t, func(r *room) { r.floodInterval, r.writeTimeout = 0, time.Hour })
 	alice := dial(t, srv, "alice")
 	alice.expect(hello(1, 1))
-	dial(t, srv, "sleepy").expect(hello(2, 2)) // never reads again
-	resp, _, rawBr := rawHandshake(t, srv, "") // a healthy reader that sees raw frames
+	dial(t, srv, "sleepy").expect(hello(2, 2))                          // never reads again
+	resp, _, rawBr := rawHandshake(t, srv.Listener.Addr().String(), "") // a healthy reader that sees raw frames
 	if resp.StatusCode != http.StatusSwitchingProtocols {
 		t.Fatal(resp.Status)
 	}
@@ -725,22 +757,19 @@ func TestMainStopsCleanlyOnSignal(t *testing.T) {
 		t.Skip("no SIGINT to send on Windows")
 	}
 	p := startMain(t, "-addr", "127.0.0.1:0")
-	cmd, addr := p.cmd, p.addr
-	t.Logf("main is listening on %s", addr)
-	conn, err := websocket.Dial("ws://"+addr+"/ws", "", "http://"+addr)
-	if err != nil {
-		t.Fatal(err)
+	t.Logf("main is listening on %s", p.addr)
+	resp, _, br := rawHandshake(t, p.addr, "")
+	if resp.StatusCode != http.StatusSwitchingProtocols {
+		t.Fatal(resp.Status)
 	}
-	defer conn.Close()
-	var first string
-	if err := websocket.Message.Receive(conn, &first); err != nil || !strings.Contains(first, `"hello"`) {
-		t.Fatalf("no hello from main: %q %v", first, err)
+	if _, hello, err := readRawFrame(br); err != nil || !strings.Contains(string(hello), `"hello"`) {
+		t.Fatalf("no hello from main: %q %v", hello, err)
 	}
 
 	start := time.Now()
-	cmd.Process.Signal(os.Interrupt)
+	p.cmd.Process.Signal(os.Interrupt)
 	exited := make(chan error, 1)
-	go func() { exited <- cmd.Wait() }()
+	go func() { exited <- p.cmd.Wait() }()
 	select {
 	case err := <-exited:
 		if err != nil {
@@ -750,12 +779,10 @@ func TestMainStopsCleanlyOnSignal(t *testing.T) {
 		t.Fatal("main still running 2 s after SIGINT")
 	}
 	t.Logf("main exited 0, %v after SIGINT", time.Since(start).Round(time.Millisecond))
-	// x/net's client answers a close frame with io.EOF; so does a bare TCP
-	// EOF, which is why TestShutdownClosesEveryConnection checks raw frames.
-	conn.SetReadDeadline(time.Now().Add(5 * time.Second))
-	if err := websocket.Message.Receive(conn, &first); err != io.EOF {
-		t.Fatalf("after shutdown the client read %v, want EOF", err)
+	if err := readUntilClose(br); err != nil {
+		t.Fatal(err)
 	}
+	t.Log("the client received a close frame before the connection ended")
 }
 
 func TestMainReportsBusyPort(t *testing.T) {
