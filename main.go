@@ -126,7 +126,7 @@ func (r *room) routes() http.Handler {
 	// lasts, with its deep stack and buffers. So we take the connection over
 	// first, and hand it to websocket.Server on a goroutine of our own; the
 	// net/http goroutine then ends at once. That, and buffers sized for a
-	// chat, more than halve what an idle connection costs (see README).
+	// chat, take an idle connection from 42 KB to 27 KB (see README).
 	mux.HandleFunc("GET /ws", func(w http.ResponseWriter, req *http.Request) {
 		conn, rw, err := http.NewResponseController(w).Hijack()
 		if err != nil {
