@@ -1181,10 +1181,14 @@ func benchIdle(b *testing.B, n int) {
 	// the next collection? Ask the server for a full collection, and look again.
 	io.WriteString(server.stdin, "collect\n")
 	var heap, stacks int
-	if !server.stdout.Scan() {
+	for server.stdout.Scan() {
+		if _, err := fmt.Sscanf(server.stdout.Text(), "collected: heap %d stacks %d", &heap, &stacks); err == nil {
+			break
+		}
+	}
+	if heap == 0 {
 		b.Fatal("no answer from the server")
 	}
-	fmt.Sscanf(server.stdout.Text(), "collected: heap %d stacks %d", &heap, &stacks)
 	liveKB := residentKB(b, pid)
 
 	start = time.Now()
