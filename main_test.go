@@ -878,6 +878,26 @@ func TestFloodIsThrottledNotDropped(t *testing.T) {
 	flooder.expect(msg(1, "done"))
 }
 
+// Every frame counts against the limit, even one that is ignored: here three
+// empty frames spend the whole burst, so the message after them must wait
+// one interval.
+func TestEmptyFramesCountAgainstTheFloodLimit(t *testing.T) {
+	const interval = 300 * time.Millisecond
+	_, srv := startServer(t, func(r *room) { r.floodBurst, r.floodInterval = 3, interval })
+	alice := joinRoom(t, srv, "alice")[0]
+	start := time.Now()
+	for range 3 {
+		alice.say("")
+	}
+	alice.say("after three empty frames")
+	alice.expect(msg(1, "after three empty frames"))
+	if took := time.Since(start); took < interval {
+		t.Fatalf("the message came back after %v: the empty frames cost nothing", took)
+	} else {
+		t.Logf("the message waited %v for the bucket to refill", took.Round(time.Millisecond))
+	}
+}
+
 // ---- Benchmarks ----
 //
 //	go test -bench . -run '^$'
