@@ -3,7 +3,8 @@ package main
 // These tests drive the real server: an httptest.Server in front of the same
 // routes main serves, and clients that speak WebSocket over real TCP
 // connections. Run `go test -v -run TestMessageReachesEveryone` to watch one
-// broadcast happen, step by step.
+// broadcast happen, step by step. Helpers come first, then the stories, then
+// the real main in a child process, and the benchmarks at the end.
 
 import (
 	"bufio"
@@ -30,31 +31,6 @@ import (
 	"golang.org/x/net/websocket"
 )
 
-// TestMain lets a test run the real main in a child process: the test binary
-// re-executes itself with WSCHAT_RUN_MAIN=1 and the flags main should see.
-func TestMain(m *testing.M) {
-	if os.Getenv("WSCHAT_RUN_MAIN") == "1" {
-		go collectOnRequest()
-		main()
-		os.Exit(0)
-	}
-	os.Exit(m.Run())
-}
-
-// collectOnRequest lets BenchmarkIdleConnections tell live memory from
-// garbage in the child: each line on stdin asks for a full collection, and
-// what is left goes back on stdout.
-func collectOnRequest() {
-	for lines := bufio.NewScanner(os.Stdin); lines.Scan(); {
-		debug.FreeOSMemory() // collect everything, and give freed memory back to the OS
-		var m runtime.MemStats
-		runtime.ReadMemStats(&m)
-		fmt.Printf("collected: heap %d stacks %d\n", m.HeapInuse, m.StackInuse)
-	}
-}
-
-// ---- Helpers ----
-
 // startServer serves a fresh room; change lets a test lower its limits first.
 // Server log lines are narrated into the test's log.
 func startServer(t testing.TB, change func(*room)) (*room, *httptest.Server) {
@@ -64,13 +40,29 @@ func startServer(t testing.TB, change func(*room)) (*room, *httptest.Server) {
 	if change != nil {
 		change(r)
 	}
-	srv := httptest.NewServer(r.routes())
+	srv := httptest.NewUnstartedServer(r.routes())
+	srv.Listener = &connCounter{Listener: srv.Listener}
+	srv.Start()
 	t.Cleanup(func() {
 		srv.Close()
 		r.shutdown() // returns once every connection and goroutine of the room is done
 	})
 	return r, srv
 }
+
+// The first story: one message, every client, the sender too.
+func TestMessageReachesEveryoneIncludingSender(t *testing.T) {
+	_, srv := startServer(t, nil)
+	users := joinRoom(t, srv, "alice", "bob", "carol")
+	alice, bob, carol := users[0], users[1], users[2]
+
+	bob.say("hello, room")
+	for _, c := range []*testClient{alice, bob, carol} {
+		c.expect(msg(2, "hello, room"))
+	}
+}
+
+// ---- Helpers: chat users ----
 
 func wsURL(srv *httptest.Server) string { return "ws" + strings.TrimPrefix(srv.URL, "http") + "/ws" }
 
@@ -171,9 +163,19 @@ func (tc *testClient) expectClosed() {
 	tc.t.Logf("%s: connection closed by the server (%v)", tc.name, err)
 }
 
-// rawHandshake opens a WebSocket by hand, so a test can choose the Origin
-// header (x/net's client always sends one) and see every byte of the reply.
-func rawHandshake(t testing.TB, addr, origin string) (*http.Response, net.Conn, *bufio.Reader) {
+func hello(uid, online int) event { return event{Type: "hello", UID: uid, Online: online} }
+func join(uid, online int) event  { return event{Type: "join", UID: uid, Online: online} }
+func leave(uid, online int) event { return event{Type: "leave", UID: uid, Online: online} }
+func msg(uid int, text string) event {
+	return event{Type: "msg", UID: uid, Msg: text}
+}
+
+// ---- Helpers: raw WebSocket ----
+
+// rawHandshake opens a WebSocket by hand, so a test can choose the Host and
+// Origin headers (x/net's client always sends an Origin) and see every byte
+// of the reply. An empty host means the address dialled.
+func rawHandshake(t testing.TB, addr, host, origin string) (*http.Response, net.Conn, *bufio.Reader) {
 	t.Helper()
 	conn, err := net.Dial("tcp", addr)
 	if err != nil {
@@ -181,7 +183,10 @@ func rawHandshake(t testing.TB, addr, origin string) (*http.Response, net.Conn, 
 	}
 	t.Cleanup(func() { conn.Close() })
 	conn.SetDeadline(time.Now().Add(10 * time.Second))
-	req := "GET /ws HTTP/1.1\r\nHost: " + addr + "\r\n" +
+	if host == "" {
+		host = addr
+	}
+	req := "GET /ws HTTP/1.1\r\nHost: " + host + "\r\n" +
 		"Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\n" +
 		"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
 	if origin != "" {
@@ -196,6 +201,16 @@ func rawHandshake(t testing.TB, addr, origin string) (*http.Response, net.Conn, 
 		t.Fatal(err)
 	}
 	return resp, conn, br
+}
+
+// clientFrame is text as one masked text frame, as a browser sends it.
+func clientFrame(text string) []byte {
+	mask := []byte{1, 2, 3, 4}
+	frame := append([]byte{0x81, 0x80 | byte(len(text))}, mask...) // short texts only
+	for i := range len(text) {
+		frame = append(frame, text[i]^mask[i%4])
+	}
+	return frame
 }
 
 // readRawFrame reads one server frame (servers never mask) as opcode and payload.
@@ -237,6 +252,87 @@ func readUntilClose(br *bufio.Reader) error {
 	}
 }
 
+// ---- Helpers: looking inside the server ----
+
+// online says how many clients the room holds.
+func (r *room) online() int {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return len(r.clients)
+}
+
+// serverSide is the room's client for the user with this id, or nil.
+func (r *room) serverSide(uid int) *client {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	for c := range r.clients {
+		if c.uid == uid {
+			return c
+		}
+	}
+	return nil
+}
+
+// queued says how many events wait for that user's writer to take them.
+func (r *room) queued(uid int) int {
+	c := r.serverSide(uid)
+	if c == nil {
+		return 0
+	}
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return len(c.queue)
+}
+
+// A connCounter is a listener that counts the server's open connections,
+// WebSockets included: net/http forgets a connection once it hands it over.
+type connCounter struct {
+	net.Listener
+	open atomic.Int64
+}
+
+type countedConn struct {
+	net.Conn
+	closed sync.Once
+	open   *atomic.Int64
+}
+
+func (l *connCounter) Accept() (net.Conn, error) {
+	conn, err := l.Listener.Accept()
+	if err != nil {
+		return nil, err
+	}
+	l.open.Add(1)
+	return &countedConn{Conn: conn, open: &l.open}, nil
+}
+
+func (c *countedConn) Close() error {
+	c.closed.Do(func() { c.open.Add(-1) })
+	return c.Conn.Close()
+}
+
+// logRecorder collects the server's log lines, so a test can check why a
+// client left.
+type logRecorder struct {
+	t     testing.TB
+	mu    sync.Mutex
+	lines []string
+}
+
+func (l *logRecorder) logf(format string, args ...any) {
+	line := fmt.Sprintf(format, args...)
+	l.t.Log("server: " + line)
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	l.lines = append(l.lines, line)
+}
+
+func (l *logRecorder) contains(s string) bool {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return slices.ContainsFunc(l.lines, func(line string) bool { return strings.Contains(line, s) })
+}
+
 // waitFor polls cond until it holds, failing after 10 s.
 func waitFor(t testing.TB, what string, cond func() bool) {
 	t.Helper()
@@ -252,23 +348,26 @@ func waitFor(t testing.TB, what string, cond func() bool) {
 	}
 }
 
-// serverSide returns the room's client with the given user id, or nil.
-func (r *room) serverSide(uid int) *client {
-	r.mu.Lock()
-	defer r.mu.Unlock()
-	for c := range r.clients {
-		if c.uid == uid {
-			return c
+// stallWriter has talker send 4 KB messages, reading each back, until at
+// least n events wait for the user with id uid, who reads nothing: that
+// user's socket buffers are full and its writer is blocked in a write. It
+// returns how many messages talker sent, and how many events wait.
+func stallWriter(t testing.TB, r *room, talker *testClient, uid, n int) (sent, waiting int) {
+	t.Helper()
+	for ; waiting < n; waiting = r.queued(uid) {
+		if sent == 100_000 {
+			t.Fatalf("user %d's writer never blocked", uid)
 		}
+		if err := websocket.Message.Send(talker.conn, fmt.Sprintf("%d %4000s", sent, ".")); err != nil {
+			t.Fatal(err)
+		}
+		if _, err := talker.read(); err != nil {
+			t.Fatal(err)
+		}
+		sent++
 	}
-	return nil
-}
-
-func hello(uid, online int) event { return event{Type: "hello", UID: uid, Online: online} }
-func join(uid, online int) event  { return event{Type: "join", UID: uid, Online: online} }
-func leave(uid, online int) event { return event{Type: "leave", UID: uid, Online: online} }
-func msg(uid int, text string) event {
-	return event{Type: "msg", UID: uid, Msg: text}
+	t.Logf("%s sent %d messages of 4 KB; %d of them wait for user %d", talker.name, sent, waiting, uid)
+	return sent, waiting
 }
 
 // ---- HTTP ----
@@ -327,7 +426,7 @@ func TestOrigin(t *testing.T) {
 		{"no origin (a command-line client)", "", http.StatusSwitchingProtocols},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			resp, _, br := rawHandshake(t, srv.Listener.Addr().String(), tc.origin)
+			resp, _, br := rawHandshake(t, srv.Listener.Addr().String(), "", tc.origin)
 			if resp.StatusCode != tc.want {
 				t.Fatalf("Origin %q: status %d, want %d", tc.origin, resp.StatusCode, tc.want)
 			}
@@ -386,18 +485,7 @@ func TestIDsAreNeverReused(t *testing.T) {
 	d.expect(hello(4, 2))
 }
 
-// ---- Messages ----
-
-func TestMessageReachesEveryoneIncludingSender(t *testing.T) {
-	_, srv := startServer(t, nil)
-	users := joinRoom(t, srv, "alice", "bob", "carol")
-	alice, bob, carol := users[0], users[1], users[2]
-
-	bob.say("hello, room")
-	for _, c := range []*testClient{alice, bob, carol} {
-		c.expect(msg(2, "hello, room"))
-	}
-}
+// ---- Messages and bad input ----
 
 func TestMessagesAreTrimmedAndEmptyOnesIgnored(t *testing.T) {
 	_, srv := startServer(t, nil)
@@ -479,35 +567,34 @@ func TestBinaryFrameClosesOnlyItsSender(t *testing.T) {
 // ---- Delivery guarantees ----
 
 // Events waiting for a client travel together in one frame, one per line, in
-// order. Here join notices wait for a presence flush that never comes, so
-// they are still queued when a chat message wakes the writers.
+// order. Here sleepy stops reading until its writer is stuck, so that
+// alice's messages pile up in its queue; then it reads everything.
 func TestWaitingEventsTravelInOneFrame(t *testing.T) {
-	r, srv := startServer(t, func(r *room) { r.presenceDelay = time.Hour })
-	alice := dial(t, srv, "alice")
-	alice.expect(hello(1, 1))
-	onServer := r.serverSide(1)
-	waitFor(t, "alice's writer to end after her hello", func() bool {
-		r.mu.Lock()
-		defer r.mu.Unlock()
-		return !onServer.writing
-	})
-	dial(t, srv, "bob").expect(hello(2, 2))
-	carol := dial(t, srv, "carol")
-	carol.expect(hello(3, 3))
-	carol.say("hi")
+	r, srv := startServer(t, func(r *room) { r.floodInterval = 0 })
+	users := joinRoom(t, srv, "alice", "sleepy")
+	alice, sleepy := users[0], users[1]
+	sent, waiting := stallWriter(t, r, alice, 2, 10)
 
-	alice.conn.SetReadDeadline(time.Now().Add(5 * time.Second))
-	var frame string
-	if err := websocket.Message.Receive(alice.conn, &frame); err != nil {
-		t.Fatal(err)
+	t.Log("sleepy reads again")
+	var lastFrame string
+	for received := 0; received < sent; {
+		sleepy.conn.SetReadDeadline(time.Now().Add(5 * time.Second))
+		if err := websocket.Message.Receive(sleepy.conn, &lastFrame); err != nil {
+			t.Fatalf("sleepy, after %d of %d messages: %v", received, sent, err)
+		}
+		received += strings.Count(lastFrame, "\n") + 1
 	}
-	want := `{"type":"join","uid":2,"online":2}` + "\n" +
-		`{"type":"join","uid":3,"online":3}` + "\n" +
-		`{"type":"msg","uid":3,"msg":"hi"}`
-	if frame != want {
-		t.Fatalf("alice's frame:\n%s\nwant:\n%s", frame, want)
+	lines := strings.Split(lastFrame, "\n")
+	if len(lines) != waiting {
+		t.Fatalf("the last frame held %d events, want the %d that were waiting", len(lines), waiting)
 	}
-	t.Logf("alice received one frame:\n%s", frame)
+	for i, line := range lines {
+		var ev event
+		if err := json.Unmarshal([]byte(line), &ev); err != nil || !strings.HasPrefix(ev.Msg, fmt.Sprint(sent-waiting+i, " ")) {
+			t.Fatalf("line %d of the last frame: %.60q, want alice's message %d", i, line, sent-waiting+i)
+		}
+	}
+	t.Logf("the %d waiting events arrived in one frame of %d lines, in order", waiting, len(lines))
 }
 
 func TestSameOrderEverywhere(t *testing.T) {
@@ -564,28 +651,6 @@ func TestSameOrderEverywhere(t *testing.T) {
 	t.Logf("all %d users received the same %d messages in the same order", clients, len(received[0]))
 }
 
-// logRecorder collects the server's log lines, so a test can check why a
-// client left.
-type logRecorder struct {
-	t     testing.TB
-	mu    sync.Mutex
-	lines []string
-}
-
-func (l *logRecorder) logf(format string, args ...any) {
-	line := fmt.Sprintf(format, args...)
-	l.t.Log("server: " + line)
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	l.lines = append(l.lines, line)
-}
-
-func (l *logRecorder) contains(s string) bool {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return slices.ContainsFunc(l.lines, func(line string) bool { return strings.Contains(line, s) })
-}
-
 // A client that never reads must not hold up anyone else, and must be
 // disconnected (not silently skipped), whether its queue fills up first or a
 // write to it blocks first.
@@ -637,13 +702,65 @@ func TestSlowClientIsDisconnectedWithoutDelayingOthers(t *testing.T) {
 					break
 				}
 			}
-			if !logs.contains("user 2 left: " + tc.reason) {
-				t.Fatalf("sleepy left, but not because %q", tc.reason)
-			}
+			waitFor(t, "the log to say why sleepy left", func() bool { return logs.contains("user 2 left: " + tc.reason) })
 			alice.say("still here")
 			alice.expect(msg(1, "still here"))
 		})
 	}
+}
+
+// A message read from a client that the room has just dropped is not
+// broadcast: everyone has heard its leave already. The server reads both of
+// mallory's frames into its buffer at once, relays the first, and holds the
+// second for one flood interval; the room drops mallory meanwhile.
+func TestDroppedClientSpeaksNoMore(t *testing.T) {
+	r, srv := startServer(t, func(r *room) { r.floodBurst, r.floodInterval = 1, 500*time.Millisecond })
+	alice := joinRoom(t, srv, "alice")[0]
+	resp, mallory, br := rawHandshake(t, srv.Listener.Addr().String(), "", "")
+	if resp.StatusCode != http.StatusSwitchingProtocols {
+		t.Fatal(resp.Status)
+	}
+	alice.expect(join(2, 2))
+
+	t.Log("mallory sends two messages in one TCP write")
+	mallory.Write(append(clientFrame("first"), clientFrame("second")...))
+	alice.expect(msg(2, "first"))
+	r.drop(r.serverSide(2), "dropped by the test", time.Now())
+	alice.expect(leave(2, 1))
+	for {
+		if _, _, err := readRawFrame(br); err != nil {
+			break // the server closed mallory's connection: it is done with both frames
+		}
+	}
+	alice.say("still here")
+	alice.expect(msg(1, "still here")) // and not mallory's "second"
+}
+
+// The log is written outside every lock: a log that blocks (a paused
+// terminal, a full pipe) holds up only the goroutine writing it, never the
+// room. Here the log of carol's join, and then of bob's leave, never returns.
+func TestBlockedLogDoesNotStallTheRoom(t *testing.T) {
+	unblock := make(chan struct{})
+	_, srv := startServer(t, func(r *room) {
+		r.logf = func(format string, args ...any) {
+			line := fmt.Sprintf(format, args...)
+			t.Log("server: " + line)
+			if strings.HasPrefix(line, "user 3 joined") || strings.HasPrefix(line, "user 2 left") {
+				t.Log("(the log blocks)")
+				<-unblock
+			}
+		}
+	})
+	t.Cleanup(func() { close(unblock) }) // before the server's cleanup, which waits for the log
+	users := joinRoom(t, srv, "alice", "bob", "carol")
+	alice, bob, carol := users[0], users[1], users[2]
+
+	bob.conn.Close()
+	alice.expect(leave(2, 2))
+	carol.expect(leave(2, 2))
+	alice.say("still talking")
+	alice.expect(msg(1, "still talking"))
+	carol.expect(msg(1, "still talking"))
 }
 
 func TestNoGoroutineIsLeftBehind(t *testing.T) {
@@ -664,53 +781,37 @@ func TestNoGoroutineIsLeftBehind(t *testing.T) {
 		}
 		u.conn.Close()
 	}
-	waitFor(t, "the room to be empty", func() bool {
-		r.mu.Lock()
-		defer r.mu.Unlock()
-		return len(r.clients) == 0
-	})
+	waitFor(t, "the room to be empty", func() bool { return r.online() == 0 })
 	srv.Close()
 	waitFor(t, "every goroutine to end", func() bool { return runtime.NumGoroutine() <= before })
 	t.Logf("goroutines: %d before the server started, %d after everyone left", before, runtime.NumGoroutine())
 }
 
-// Shutting down sends every client a close frame, and is not held up by a
-// client whose writer is blocked on a full socket.
+// ---- Shutting down ----
+
+// Shutting down sends every healthy client a close frame, is not held up by a
+// client whose writer is blocked on a full socket, and returns only once
+// every connection is closed.
 func TestShutdownClosesEveryConnection(t *testing.T) {
 	r, srv := startServer(t, func(r *room) { r.floodInterval, r.writeTimeout = 0, time.Hour })
-	alice := dial(t, srv, "alice")
-	alice.expect(hello(1, 1))
-	dial(t, srv, "sleepy").expect(hello(2, 2))                          // never reads again
-	resp, _, rawBr := rawHandshake(t, srv.Listener.Addr().String(), "") // a healthy reader that sees raw frames
+	users := joinRoom(t, srv, "alice", "sleepy") // sleepy never reads
+	resp, _, rawBr := rawHandshake(t, srv.Listener.Addr().String(), "", "")
 	if resp.StatusCode != http.StatusSwitchingProtocols {
 		t.Fatal(resp.Status)
 	}
 	rawClosed := make(chan error, 1)
-	go func() { rawClosed <- readUntilClose(rawBr) }()
-	sleepy := r.serverSide(2)
-	sleepyStuck := func() bool {
-		r.mu.Lock()
-		defer r.mu.Unlock()
-		return len(sleepy.queue) >= 100 // its writer has taken nothing for 100 broadcasts
-	}
-	t.Log("alice sends until sleepy's writer is stuck on a full socket")
-	for i := 0; !sleepyStuck(); i++ {
-		if i == 100_000 {
-			t.Fatal("sleepy's writer never blocked")
-		}
-		if err := websocket.Message.Send(alice.conn, strings.Repeat("z", 4000)); err != nil {
-			t.Fatal(err)
-		}
-		if _, err := alice.read(); err != nil { // her own message, or sleepy's join
-			t.Fatal(err)
-		}
-	}
+	go func() { rawClosed <- readUntilClose(rawBr) }() // a healthy reader that sees raw frames
+	users[0].expect(join(3, 3))
+	stallWriter(t, r, users[0], 2, 100)
 
 	start := time.Now()
 	srv.Close()
 	r.shutdown()
 	took := time.Since(start)
-	t.Logf("shutdown took %v", took.Round(time.Millisecond))
+	if open := srv.Listener.(*connCounter).open.Load(); open != 0 {
+		t.Fatalf("shutdown returned with %d connections still open", open)
+	}
+	t.Logf("shutdown took %v, and every connection was closed when it returned", took.Round(time.Millisecond))
 	if took > 2*time.Second {
 		t.Fatalf("shutdown took %v, want at most 2s", took)
 	}
@@ -719,94 +820,6 @@ func TestShutdownClosesEveryConnection(t *testing.T) {
 	}
 	t.Log("the healthy client received a close frame")
 }
-
-// ---- The real main, in a child process ----
-
-// A mainProcess is the real main, running in a child process.
-type mainProcess struct {
-	cmd    *exec.Cmd
-	addr   string         // the first address it printed
-	stdin  io.Writer      // see collectOnRequest
-	stdout *bufio.Scanner // the rest of what it prints
-}
-
-func startMain(t testing.TB, args ...string) *mainProcess {
-	t.Helper()
-	p := &mainProcess{cmd: exec.Command(os.Args[0], args...)}
-	// The race detector sleeps 1 s before a process exits; that is not main's time.
-	p.cmd.Env = append(os.Environ(), "WSCHAT_RUN_MAIN=1", "GORACE=atexit_sleep_ms=0")
-	stdin, err1 := p.cmd.StdinPipe()
-	stdout, err2 := p.cmd.StdoutPipe()
-	if err := errors.Join(err1, err2, p.cmd.Start()); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { p.cmd.Process.Kill(); p.cmd.Wait() })
-	p.stdin, p.stdout = stdin, bufio.NewScanner(stdout)
-	for p.stdout.Scan() {
-		if _, addr, ok := strings.Cut(p.stdout.Text(), "http://"); ok {
-			p.addr = addr
-			return p
-		}
-	}
-	t.Fatal("main printed no http:// address")
-	return nil
-}
-
-func TestMainStopsCleanlyOnSignal(t *testing.T) {
-	if runtime.GOOS == "windows" {
-		t.Skip("no SIGINT to send on Windows")
-	}
-	p := startMain(t, "-addr", "127.0.0.1:0")
-	t.Logf("main is listening on %s", p.addr)
-	resp, _, br := rawHandshake(t, p.addr, "")
-	if resp.StatusCode != http.StatusSwitchingProtocols {
-		t.Fatal(resp.Status)
-	}
-	if _, hello, err := readRawFrame(br); err != nil || !strings.Contains(string(hello), `"hello"`) {
-		t.Fatalf("no hello from main: %q %v", hello, err)
-	}
-
-	start := time.Now()
-	p.cmd.Process.Signal(os.Interrupt)
-	exited := make(chan error, 1)
-	go func() { exited <- p.cmd.Wait() }()
-	select {
-	case err := <-exited:
-		if err != nil {
-			t.Fatalf("main exited with %v, want status 0", err)
-		}
-	case <-time.After(2 * time.Second):
-		t.Fatal("main still running 2 s after SIGINT")
-	}
-	t.Logf("main exited 0, %v after SIGINT", time.Since(start).Round(time.Millisecond))
-	if err := readUntilClose(br); err != nil {
-		t.Fatal(err)
-	}
-	t.Log("the client received a close frame before the connection ended")
-}
-
-func TestMainReportsBusyPort(t *testing.T) {
-	taken, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer taken.Close()
-	cmd := exec.Command(os.Args[0], "-addr", taken.Addr().String())
-	cmd.Env = append(os.Environ(), "WSCHAT_RUN_MAIN=1")
-	var stderr strings.Builder
-	cmd.Stderr = &stderr
-	err = cmd.Run()
-	t.Logf("stderr: %q", stderr.String())
-	if exit, ok := err.(*exec.ExitError); !ok || exit.ExitCode() != 1 {
-		t.Fatalf("main exited with %v, want status 1", err)
-	}
-	line := strings.TrimSuffix(stderr.String(), "\n")
-	if strings.Contains(line, "\n") || !strings.HasPrefix(line, "wschat: listen tcp") || strings.Contains(line, "goroutine") {
-		t.Fatalf("want one clear error line, got %q", stderr.String())
-	}
-}
-
-// ---- Flood control ----
 
 // A flooder is slowed down to the limit, not disconnected and not dropped,
 // and everyone else keeps talking meanwhile.
@@ -895,6 +908,115 @@ func TestEmptyFramesCountAgainstTheFloodLimit(t *testing.T) {
 		t.Fatalf("the message came back after %v: the empty frames cost nothing", took)
 	} else {
 		t.Logf("the message waited %v for the bucket to refill", took.Round(time.Millisecond))
+	}
+}
+
+// ---- The real main, in a child process ----
+
+// TestMain lets a test run the real main in a child process: the test binary
+// re-executes itself with WSCHAT_RUN_MAIN=1 and the flags main should see.
+func TestMain(m *testing.M) {
+	if os.Getenv("WSCHAT_RUN_MAIN") == "1" {
+		go collectOnRequest()
+		main()
+		os.Exit(0)
+	}
+	os.Exit(m.Run())
+}
+
+// collectOnRequest lets BenchmarkIdleConnections tell live memory from
+// garbage in the child: each line on stdin asks for a full collection, and
+// what is left goes back on stdout.
+func collectOnRequest() {
+	for lines := bufio.NewScanner(os.Stdin); lines.Scan(); {
+		debug.FreeOSMemory() // collect everything, and give freed memory back to the OS
+		var m runtime.MemStats
+		runtime.ReadMemStats(&m)
+		fmt.Printf("collected: heap %d stacks %d\n", m.HeapInuse, m.StackInuse)
+	}
+}
+
+// A mainProcess is the real main, running in a child process.
+type mainProcess struct {
+	cmd    *exec.Cmd
+	addr   string         // the first address it printed
+	stdin  io.Writer      // see collectOnRequest
+	stdout *bufio.Scanner // the rest of what it prints
+}
+
+func startMain(t testing.TB, args ...string) *mainProcess {
+	t.Helper()
+	p := &mainProcess{cmd: exec.Command(os.Args[0], args...)}
+	// The race detector sleeps 1 s before a process exits; that is not main's time.
+	p.cmd.Env = append(os.Environ(), "WSCHAT_RUN_MAIN=1", "GORACE=atexit_sleep_ms=0")
+	stdin, err1 := p.cmd.StdinPipe()
+	stdout, err2 := p.cmd.StdoutPipe()
+	if err := errors.Join(err1, err2, p.cmd.Start()); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { p.cmd.Process.Kill(); p.cmd.Wait() })
+	p.stdin, p.stdout = stdin, bufio.NewScanner(stdout)
+	for p.stdout.Scan() {
+		if _, addr, ok := strings.Cut(p.stdout.Text(), "http://"); ok {
+			p.addr = addr
+			return p
+		}
+	}
+	t.Fatal("main printed no http:// address")
+	return nil
+}
+
+func TestMainStopsCleanlyOnSignal(t *testing.T) {
+	if runtime.GOOS == "windows" {
+		t.Skip("no SIGINT to send on Windows")
+	}
+	p := startMain(t, "-addr", "127.0.0.1:0")
+	t.Logf("main is listening on %s", p.addr)
+	resp, _, br := rawHandshake(t, p.addr, "", "")
+	if resp.StatusCode != http.StatusSwitchingProtocols {
+		t.Fatal(resp.Status)
+	}
+	if _, hello, err := readRawFrame(br); err != nil || !strings.Contains(string(hello), `"hello"`) {
+		t.Fatalf("no hello from main: %q %v", hello, err)
+	}
+
+	start := time.Now()
+	p.cmd.Process.Signal(os.Interrupt)
+	exited := make(chan error, 1)
+	go func() { exited <- p.cmd.Wait() }()
+	select {
+	case err := <-exited:
+		if err != nil {
+			t.Fatalf("main exited with %v, want status 0", err)
+		}
+	case <-time.After(2 * time.Second):
+		t.Fatal("main still running 2 s after SIGINT")
+	}
+	t.Logf("main exited 0, %v after SIGINT", time.Since(start).Round(time.Millisecond))
+	if err := readUntilClose(br); err != nil {
+		t.Fatal(err)
+	}
+	t.Log("the client received a close frame before the connection ended")
+}
+
+func TestMainReportsBusyPort(t *testing.T) {
+	taken, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer taken.Close()
+	cmd := exec.Command(os.Args[0], "-addr", taken.Addr().String())
+	cmd.Env = append(os.Environ(), "WSCHAT_RUN_MAIN=1")
+	var stderr strings.Builder
+	cmd.Stderr = &stderr
+	err = cmd.Run()
+	t.Logf("stderr: %q", stderr.String())
+	if exit, ok := err.(*exec.ExitError); !ok || exit.ExitCode() != 1 {
+		t.Fatalf("main exited with %v, want status 1", err)
+	}
+	line := strings.TrimSuffix(stderr.String(), "\n")
+	if strings.Contains(line, "\n") || !strings.HasPrefix(line, "wschat: listen tcp") || strings.Contains(line, "goroutine") {
+		t.Fatalf("want one clear error line, got %q", stderr.String())
 	}
 }
 
@@ -1250,57 +1372,4 @@ func openFileLimit() int {
 		}
 	}
 	return 1 << 30
-}
-
-// BenchmarkLoopbackFloor is the cheapest broadcast this machine can do: 1000
-// plain TCP connections over loopback, no WebSocket and no room. One op writes
-// 60 bytes to each and waits until every reader has them. It is the floor
-// under BenchmarkBroadcast/clients=1000 and BenchmarkSteadyLatency.
-func BenchmarkLoopbackFloor(b *testing.B) {
-	const clients, size = 1000, 60
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		b.Fatal(err)
-	}
-	var received tally
-	var readers sync.WaitGroup
-	writers := make([]net.Conn, clients)
-	b.Cleanup(func() {
-		for _, w := range writers {
-			if w != nil {
-				w.Close()
-			}
-		}
-		ln.Close()
-		readers.Wait()
-	})
-	for i := range writers {
-		if writers[i], err = net.Dial("tcp", ln.Addr().String()); err != nil {
-			b.Fatal(err)
-		}
-		r, err := ln.Accept()
-		if err != nil {
-			b.Fatal(err)
-		}
-		readers.Go(func() {
-			defer r.Close()
-			buf := make([]byte, 4096)
-			for {
-				n, err := r.Read(buf)
-				if err != nil {
-					return
-				}
-				received.add(n)
-			}
-		})
-	}
-	msg := make([]byte, size)
-	b.ResetTimer()
-	for i := range b.N {
-		for _, w := range writers {
-			w.Write(msg)
-		}
-		received.waitFor(b, (i+1)*clients*size, time.Minute)
-	}
-	b.ReportMetric(float64(b.Elapsed().Nanoseconds())/float64(b.N*clients), "ns/delivery")
 }
