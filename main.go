@@ -1,11 +1,9 @@
 // Command wschat is a chat room for everyone on your network, in one file.
-// Run it with `go run .` and open the printed address in a few browsers.
 //
-// Data flows in the order this file reads: connect, join, read loop,
+// The file reads in the order data flows: connect, join, read loop,
 // broadcast, writer, drop. Each connection has two goroutines: serveClient
-// reads from it, and the client's writer writes to it. A broadcast never
-// writes to a connection: it appends the event to every client's queue and
-// wakes the writers, so one slow client cannot stall the room.
+// reads from it, and the client's writer writes to it. A broadcast only
+// appends to every client's queue, so one slow client cannot stall the room.
 package main
 
 import (
@@ -38,8 +36,7 @@ const (
 	shutdownGrace   = time.Second // to finish a write and send a close frame at exit
 )
 
-// limits are a room's rules. Tests lower them on their own room so that, say,
-// a slow client is found slow in milliseconds.
+// limits are a room's rules; tests lower them on their own room.
 type limits struct {
 	queueLimit    int           // events waiting for one client before it is too slow
 	writeTimeout  time.Duration // a write blocked this long: the client is stuck or gone
@@ -53,8 +50,8 @@ var defaultLimits = limits{queueLimit: 4096, writeTimeout: 10 * time.Second,
 func main() {
 	addr := flag.String("addr", ":8080", "`host:port` to listen on; :0 picks a free port")
 	flag.Parse()
-	// Keep-alive probes notice a peer that vanished (Wi-Fi gone, lid shut) in
-	// a quiet room: after 30 s of silence, 3 probes 10 s apart.
+	// Keep-alive notices a peer that vanished (Wi-Fi gone, lid shut) in a
+	// quiet room: after 30 s of silence, 3 probes 10 s apart.
 	lc := net.ListenConfig{KeepAliveConfig: net.KeepAliveConfig{
 		Enable: true, Idle: 30 * time.Second, Interval: 10 * time.Second, Count: 3,
 	}}
@@ -102,19 +99,16 @@ type event struct {
 	Msg    string `json:"msg,omitempty"`
 }
 
-// encode makes an event one line of a frame, once per broadcast. It cannot
-// fail, and invalid UTF-8 becomes U+FFFD, so the line is always valid JSON.
+// encode makes an event one line of JSON: invalid UTF-8 becomes U+FFFD.
 func encode(ev event) []byte {
 	b, _ := json.Marshal(ev)
 	return b
 }
 
-// A room is the set of connected clients.
-//
-// The lock rule: r.mu guards the map, and each client's mu its queue. Whoever
-// needs both takes r.mu first, and nothing takes them the other way round, so
-// they cannot deadlock; a writer takes only its client's lock, so it never
-// waits for the room. No lock is held across a network write or a log line.
+// A room is the set of connected clients. The lock rule: r.mu guards the map,
+// and a client's mu its queue. Whoever needs both takes r.mu first, never the
+// other way round, so they cannot deadlock; a writer takes only its client's,
+// so it never waits for the room. No lock is held across a write or a log line.
 type room struct {
 	limits
 	logf func(format string, args ...any)
@@ -130,8 +124,7 @@ func newRoom() *room {
 	return &room{limits: defaultLimits, logf: log.Printf, clients: make(map[*client]bool)}
 }
 
-// A client is one connection. serveClient reads from conn and the writer
-// writes to it; the room only moves its deadlines.
+// A client is one connection: serveClient reads, the writer writes.
 type client struct {
 	uid         int
 	conn        *websocket.Conn
@@ -142,23 +135,20 @@ type client struct {
 	queue [][]byte // encoded events the writer has not taken yet
 }
 
-// routes serves the page at / and the chat at /ws. ServeMux answers 404 for
-// other paths and 405 for other methods.
+// routes serves the page and the chat. ServeMux answers 404 and 405.
 func (r *room) routes() http.Handler {
 	mux := http.NewServeMux()
 	mux.HandleFunc("GET /{$}", func(w http.ResponseWriter, _ *http.Request) {
 		w.Header().Set("Content-Type", "text/html; charset=utf-8")
 		w.Write(indexHTML)
 	})
-	// websocket.Server rather than websocket.Handler, whose own check refuses
-	// clients that send no Origin, such as command-line tools.
+	// Not websocket.Handler: it refuses clients that send no Origin.
 	mux.Handle("GET /ws", websocket.Server{Handshake: checkOrigin, Handler: r.serveClient})
 	return mux
 }
 
-// checkOrigin refuses a handshake started by another site's page, which would
-// otherwise join the chat from the visitor's browser, inside their network.
-// Browsers always send Origin; a missing one means a command-line client.
+// checkOrigin refuses another site's page, which could otherwise join the
+// chat through a visitor's browser. No Origin means a command-line client.
 func checkOrigin(_ *websocket.Config, req *http.Request) error {
 	origin := req.Header.Get("Origin")
 	if origin == "" {
@@ -171,7 +161,7 @@ func checkOrigin(_ *websocket.Config, req *http.Request) error {
 }
 
 // serveClient is one connection's whole life, on net/http's goroutine for it.
-// It starts the client's writer and waits for it, and it alone closes conn.
+// It starts the client's writer and waits for it; it alone closes conn.
 func (r *room) serveClient(conn *websocket.Conn) {
 	conn.MaxPayloadBytes = maxMessageBytes // x/net's default is 32 MB
 	c, online := r.join(conn)
@@ -185,9 +175,11 @@ func (r *room) serveClient(conn *websocket.Conn) {
 	r.logf("user %d joined from %s (%d online)", c.uid, conn.Request().RemoteAddr, online)
 
 	reason := r.readMessages(c)
-	r.drop(c, reason, time.Now().Add(r.writeTimeout)) // no-op if the room dropped c first
-	writer.Wait()                                     // dropping ends the writer
-	conn.Close()                                      // a close frame if the write deadline allows, then TCP
+	r.mu.Lock()
+	r.dropLocked(c, reason, time.Now().Add(r.writeTimeout)) // a no-op if the room dropped c first
+	r.mu.Unlock()
+	writer.Wait() // dropping ends the writer
+	conn.Close()  // a close frame if the write deadline allows, then the TCP connection
 	r.logf("user %d left: %s", c.uid, c.leftBecause)
 }
 
@@ -210,11 +202,9 @@ func (r *room) join(conn *websocket.Conn) (c *client, online int) {
 }
 
 // readMessages relays the client's messages until its connection fails, and
-// says why it stopped.
-//
-// Flood control is a token bucket kept as one time, nextRead. Each frame moves
-// it one interval on, and it never lags more than floodBurst-1 intervals
-// behind now: that lag is the burst a quiet client has saved. Until nextRead
+// says why. Flood control is a token bucket kept as one time, nextRead: each
+// frame moves it one interval on, and it never lags more than floodBurst-1
+// intervals behind now (the burst a quiet client has saved). Until nextRead
 // we do not read, so TCP makes a flooder wait, and nothing is dropped.
 func (r *room) readMessages(c *client) (reason string) {
 	var nextRead time.Time
@@ -228,8 +218,6 @@ func (r *room) readMessages(c *client) (reason string) {
 		}
 		nextRead = nextRead.Add(r.floodInterval)
 		switch {
-		case errors.Is(err, websocket.ErrFrameTooLarge):
-			return fmt.Sprintf("sent a frame over %d bytes", maxMessageBytes)
 		case errors.Is(err, io.EOF):
 			return "closed the connection"
 		case errors.Is(err, syscall.ETIMEDOUT):
@@ -246,13 +234,11 @@ func (r *room) readMessages(c *client) (reason string) {
 // textMessage is websocket.Message for strings, but refuses binary frames.
 var textMessage = websocket.Codec{Unmarshal: func(data []byte, payloadType byte, v any) error {
 	if payloadType != websocket.TextFrame {
-		return errNotText
+		return errors.New("sent a binary frame")
 	}
 	*v.(*string) = string(data)
 	return nil
 }}
-
-var errNotText = errors.New("sent a binary frame")
 
 // broadcastMessage sends a chat message to everyone, its sender included,
 // unless the room dropped the sender while the message was being read.
@@ -266,9 +252,9 @@ func (r *room) broadcastMessage(from *client, text string) {
 }
 
 // broadcastLocked queues ev for every client but skip. Holding r.mu while ev
-// goes into every queue is what gives everyone the same order. A client whose
-// queue is full is dropped, not skipped, but only after the loop: its leave,
-// queued mid-loop, would reach some clients before ev and others after.
+// goes into every queue gives everyone the same order. A client whose queue is
+// full is dropped, not skipped, after the loop: a leave queued mid-loop would
+// reach some clients before ev and others after it.
 func (r *room) broadcastLocked(ev []byte, skip *client) {
 	var tooSlow []*client
 	for c := range r.clients {
@@ -297,10 +283,9 @@ func (r *room) enqueue(c *client, ev []byte) bool {
 	return !full
 }
 
-// writeQueue is the client's writer. Each time it is woken it takes all that
-// is queued and sends it as one frame, one event per line, so a busy room
-// costs a write per batch rather than per event. It ends when the client is
-// dropped (wake is closed) or a write fails.
+// writeQueue is the client's writer. Woken, it sends all that is queued as
+// one frame, one event per line: one write per batch, not per event. It ends
+// when the client is dropped (wake is closed) or a write fails.
 func (r *room) writeQueue(c *client) {
 	var frame []byte // reused for every batch
 	for range c.wake {
@@ -315,18 +300,18 @@ func (r *room) writeQueue(c *client) {
 			continue // woken for events that an earlier round sent
 		}
 		frame = frame[:0]
-		for i, ev := range batch {
-			if i > 0 {
-				frame = append(frame, '\n')
-			}
-			frame = append(frame, ev...)
+		for _, ev := range batch {
+			frame = append(append(frame, ev...), '\n')
 		}
-		if _, err := c.conn.Write(frame); err != nil {
+		if _, err := c.conn.Write(frame[:len(frame)-1]); err != nil { // no newline after the last
+
 			reason := "write failed: " + err.Error()
 			if errors.Is(err, os.ErrDeadlineExceeded) {
 				reason = fmt.Sprintf("too slow: a write blocked for %v", r.writeTimeout)
 			}
-			r.drop(c, reason, time.Now())
+			r.mu.Lock()
+			r.dropLocked(c, reason, time.Now())
+			r.mu.Unlock()
 			return
 		}
 		if cap(frame) > 64<<10 {
@@ -335,18 +320,11 @@ func (r *room) writeQueue(c *client) {
 	}
 }
 
-// drop takes c out of the room, once, and tells everyone left. It is the one
-// way out, whoever gives up first: the client, its writer, a broadcast, or
-// shutdown. writeBy is when a write in progress must give up.
-func (r *room) drop(c *client, reason string, writeBy time.Time) {
-	r.mu.Lock()
-	defer r.mu.Unlock()
-	r.dropLocked(c, reason, writeBy)
-}
-
-// dropLocked is drop with r.mu held. It reaches c's goroutines through
-// deadlines, not Close, which would wait for a blocked write's lock: a read
-// deadline of now wakes serveClient, and closing wake ends the writer.
+// dropLocked takes c out of the room, once, and tells everyone left, whoever
+// gives up first: the client, its writer, a broadcast or shutdown. It reaches
+// c's goroutines through deadlines, not Close, which would wait for a blocked
+// write's lock: a write in progress must end by writeBy, a read deadline of
+// now wakes serveClient, and closing wake ends the writer.
 func (r *room) dropLocked(c *client, reason string, writeBy time.Time) {
 	if !r.clients[c] {
 		return
@@ -366,7 +344,7 @@ func (r *room) dropLocked(c *client, reason string, writeBy time.Time) {
 
 // shutdown drops everyone and returns once every connection is closed. A
 // write in progress gets shutdownGrace to finish before the close frame; a
-// writer still stuck then has its TCP connection closed instead.
+// writer still stuck then has only its TCP connection closed.
 func (r *room) shutdown() {
 	r.mu.Lock()
 	r.closing = true

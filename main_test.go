@@ -725,7 +725,10 @@ func TestDroppedClientSpeaksNoMore(t *testing.T) {
 	t.Log("mallory sends two messages in one TCP write")
 	mallory.Write(append(clientFrame("first"), clientFrame("second")...))
 	alice.expect(msg(2, "first"))
-	r.drop(r.serverSide(2), "dropped by the test", time.Now())
+	onServer := r.serverSide(2)
+	r.mu.Lock()
+	r.dropLocked(onServer, "dropped by the test", time.Now())
+	r.mu.Unlock()
 	alice.expect(leave(2, 1))
 	for {
 		if _, _, err := readRawFrame(br); err != nil {
