@@ -49,6 +49,7 @@ var defaultLimits = limits{queueLimit: 4096, writeTimeout: 10 * time.Second,
 
 func main() {
 	addr := flag.String("addr", ":8080", "`host:port` to listen on; :0 picks a free port")
+	hosts := flag.String("host", "", "other `names` of this server, comma-separated, for the chat to accept")
 	flag.Parse()
 	// Keep-alive notices a peer that vanished (Wi-Fi gone, lid shut) in a
 	// quiet room: after 30 s of silence, 3 probes 10 s apart.
@@ -64,7 +65,7 @@ func main() {
 
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
-	r := newRoom()
+	r := newRoom(strings.Split(*hosts, ",")...)
 	srv := &http.Server{Handler: r.routes(), ReadHeaderTimeout: 10 * time.Second}
 	go func() { <-ctx.Done(); srv.Close() }() // the listener, and plain HTTP connections
 	if err := srv.Serve(ln); err != http.ErrServerClosed {
@@ -111,7 +112,8 @@ func encode(ev event) []byte {
 // so it never waits for the room. No lock is held across a write or a log line.
 type room struct {
 	limits
-	logf func(format string, args ...any)
+	logf  func(format string, args ...any)
+	hosts map[string]bool // names the chat answers to, besides IP addresses
 
 	mu        sync.Mutex
 	clients   map[*client]bool
@@ -120,8 +122,16 @@ type room struct {
 	connected sync.WaitGroup // one count per joined connection, until it is closed
 }
 
-func newRoom() *room {
-	return &room{limits: defaultLimits, logf: log.Printf, clients: make(map[*client]bool)}
+func newRoom(names ...string) *room {
+	r := &room{limits: defaultLimits, logf: log.Printf, clients: make(map[*client]bool)}
+	hostname, _ := os.Hostname()
+	r.hosts = map[string]bool{"localhost": true}
+	for _, name := range append(names, hostname, hostname+".local") {
+		if name = strings.TrimSpace(name); name != "" {
+			r.hosts[strings.ToLower(name)] = true
+		}
+	}
+	return r
 }
 
 // A client is one connection: serveClient reads, the writer writes.
@@ -143,13 +153,24 @@ func (r *room) routes() http.Handler {
 		w.Write(indexHTML)
 	})
 	// Not websocket.Handler: it refuses clients that send no Origin.
-	mux.Handle("GET /ws", websocket.Server{Handshake: checkOrigin, Handler: r.serveClient})
+	mux.Handle("GET /ws", websocket.Server{Handshake: r.checkHandshake, Handler: r.serveClient})
 	return mux
 }
 
-// checkOrigin refuses another site's page, which could otherwise join the
-// chat through a visitor's browser. No Origin means a command-line client.
-func checkOrigin(_ *websocket.Config, req *http.Request) error {
+// checkHandshake refuses another site's page, which could otherwise chat in a
+// visitor's name from inside their network. Origin must name this server's
+// Host (no Origin means a command-line client), and Host must be an IP address
+// or one of our names: a site whose DNS name is re-pointed at this server
+// passes the first check (DNS rebinding), but not the second.
+func (r *room) checkHandshake(_ *websocket.Config, req *http.Request) error {
+	host, _, err := net.SplitHostPort(req.Host)
+	if err != nil {
+		host = req.Host // no port
+	}
+	if host = strings.Trim(host, "[]"); net.ParseIP(host) == nil && !r.hosts[strings.ToLower(host)] {
+		r.logf("refused a WebSocket for Host %q: if that is this server, run it with -host %s", req.Host, host)
+		return fmt.Errorf("host %q is not this server", req.Host)
+	}
 	origin := req.Header.Get("Origin")
 	if origin == "" {
 		return nil

@@ -442,6 +442,52 @@ func TestOrigin(t *testing.T) {
 	}
 }
 
+// A WebSocket's Host must be an IP address or one of this server's names. A
+// page on another name that was re-pointed at this server (DNS rebinding)
+// sends an Origin that matches its Host, and is refused all the same.
+func TestHostMustBeThisServer(t *testing.T) {
+	logs := &logRecorder{t: t}
+	_, srv := startServer(t, func(r *room) { r.logf = logs.logf })
+	addr := srv.Listener.Addr().String()
+	_, port, _ := net.SplitHostPort(addr)
+	hostname, err := os.Hostname()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, tc := range []struct {
+		host string
+		want int
+	}{
+		{addr, http.StatusSwitchingProtocols},
+		{"[::1]:" + port, http.StatusSwitchingProtocols},
+		{"localhost:" + port, http.StatusSwitchingProtocols},
+		{hostname + ":" + port, http.StatusSwitchingProtocols},
+		{strings.ToUpper(hostname) + ".local:" + port, http.StatusSwitchingProtocols},
+		{"attacker.example:" + port, http.StatusForbidden},
+		{"localhost.attacker.example:" + port, http.StatusForbidden},
+	} {
+		resp, _, _ := rawHandshake(t, addr, tc.host, "http://"+tc.host)
+		if resp.StatusCode != tc.want {
+			t.Fatalf("Host %q with the same Origin: status %d, want %d", tc.host, resp.StatusCode, tc.want)
+		}
+		t.Logf("Host %q: %s", tc.host, resp.Status)
+	}
+	if !logs.contains(`refused a WebSocket for Host "attacker.example:` + port + `": if that is this server, run it with -host attacker.example`) {
+		t.Fatal("the refusal was not logged with a way to allow the name")
+	}
+
+	req, _ := http.NewRequest("GET", srv.URL+"/", nil)
+	req.Host = "attacker.example"
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp.Body.Close()
+	if resp.StatusCode != http.StatusOK {
+		t.Fatalf("GET / with another Host: %s, want the page: it holds no data", resp.Status)
+	}
+}
+
 // ---- Presence ----
 
 func TestHelloJoinLeave(t *testing.T) {
@@ -1000,6 +1046,26 @@ func TestMainStopsCleanlyOnSignal(t *testing.T) {
 		t.Fatal(err)
 	}
 	t.Log("the client received a close frame before the connection ended")
+}
+
+// Names given with -host, for a reverse proxy or a DNS name, are accepted as
+// a WebSocket's Host; others are not.
+func TestMainAcceptsNamesGivenWithHost(t *testing.T) {
+	p := startMain(t, "-addr", "127.0.0.1:0", "-host", "chat.example, Proxy.LAN")
+	for _, tc := range []struct {
+		host string
+		want int
+	}{
+		{"chat.example", http.StatusSwitchingProtocols},
+		{"proxy.lan:8080", http.StatusSwitchingProtocols},
+		{"other.example", http.StatusForbidden},
+	} {
+		resp, _, _ := rawHandshake(t, p.addr, tc.host, "http://"+tc.host)
+		if resp.StatusCode != tc.want {
+			t.Fatalf("Host %q: status %d, want %d", tc.host, resp.StatusCode, tc.want)
+		}
+		t.Logf("Host %q: %s", tc.host, resp.Status)
+	}
 }
 
 func TestMainReportsBusyPort(t *testing.T) {
