@@ -20,6 +20,7 @@ import (
 	"net/url"
 	"os"
 	"os/signal"
+	"runtime"
 	"strings"
 	"sync"
 	"syscall"
@@ -310,6 +311,7 @@ func (r *room) enqueue(c *client, ev []byte) bool {
 func (r *room) writeQueue(c *client) {
 	var frame []byte // reused for every batch
 	for range c.wake {
+		runtime.Gosched() // let the broadcasts under way queue more first: fewer, fuller frames
 		c.mu.Lock()
 		batch := c.queue
 		c.queue = nil

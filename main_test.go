@@ -3,8 +3,9 @@ package main
 // These tests drive the real server: an httptest.Server in front of the same
 // routes main serves, and clients that speak WebSocket over real TCP
 // connections. Run `go test -v -run TestMessageReachesEveryone` to watch one
-// broadcast happen, step by step. Helpers come first, then the stories, then
-// the real main in a child process, and the benchmarks at the end.
+// broadcast happen, step by step. The server helper and the first story come
+// first; then the other helpers, the other stories, the real main in a child
+// process, and the benchmarks at the end.
 
 import (
 	"bufio"
@@ -41,7 +42,7 @@ func startServer(t testing.TB, change func(*room)) (*room, *httptest.Server) {
 		change(r)
 	}
 	srv := httptest.NewUnstartedServer(r.routes())
-	srv.Listener = &connCounter{Listener: srv.Listener}
+	srv.Listener = &connCounter{Listener: srv.Listener} // see TestShutdownClosesEveryConnection
 	srv.Start()
 	t.Cleanup(func() {
 		srv.Close()
