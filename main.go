@@ -68,12 +68,14 @@ func main() {
 	defer stop()
 	r := newRoom(strings.Split(*hosts, ",")...)
 	srv := &http.Server{Handler: r.routes(), ReadHeaderTimeout: 10 * time.Second}
-	go func() { <-ctx.Done(); srv.Close() }() // the listener, and plain HTTP connections
+	go func() { <-ctx.Done(); srv.Close() }() // stops the listener; Serve returns
 	if err := srv.Serve(ln); err != http.ErrServerClosed {
 		log.Fatal(err) // the listener failed: nobody else can connect
 	}
 	log.Print("shutting down")
-	r.shutdown() // net/http has handed the WebSockets to us: main must wait for their close frames
+	// x/net hijacked each WebSocket from net/http, so srv.Close does not touch
+	// them: the room closes them, and main waits, or clients see a bare EOF.
+	r.shutdown()
 }
 
 // printURLs says where to point a browser: this machine, then one address per
@@ -101,7 +103,8 @@ type event struct {
 	Msg    string `json:"msg,omitempty"`
 }
 
-// encode makes an event one line of JSON: invalid UTF-8 becomes U+FFFD.
+// encode makes an event one line of JSON. Marshal cannot fail on strings and
+// ints, and it writes invalid UTF-8 as U+FFFD, so the line is always valid.
 func encode(ev event) []byte {
 	b, _ := json.Marshal(ev)
 	return b
@@ -109,18 +112,19 @@ func encode(ev event) []byte {
 
 // A room is the set of connected clients. The lock rule: r.mu guards the map,
 // and a client's mu its queue. Whoever needs both takes r.mu first, never the
-// other way round, so they cannot deadlock; a writer takes only its client's,
-// so it never waits for the room. No lock is held across a write or a log line.
+// other way round, so they cannot deadlock. A writer takes only its client's
+// lock to take its batch, so a broadcast never holds it up. No lock is held
+// across a network write or a log line: either can block.
 type room struct {
-	limits
-	logf  func(format string, args ...any)
-	hosts map[string]bool // names the chat answers to, besides IP addresses
+	limits // queueLimit, writeTimeout, floodBurst, floodInterval
+	logf   func(format string, args ...any)
+	hosts  map[string]bool // names the chat answers to, besides IP addresses
 
-	mu        sync.Mutex
-	clients   map[*client]bool
-	lastUID   int            // user ids count up and are never reused
-	closing   bool           // shutting down: nobody may join
-	connected sync.WaitGroup // one count per joined connection, until it is closed
+	mu      sync.Mutex
+	clients map[*client]bool
+	lastUID int            // user ids count up and are never reused
+	closing bool           // shutting down: nobody may join
+	conns   sync.WaitGroup // counts joined connections until they are closed
 }
 
 func newRoom(names ...string) *room {
@@ -183,7 +187,7 @@ func (r *room) checkHandshake(_ *websocket.Config, req *http.Request) error {
 }
 
 // serveClient is one connection's whole life, on net/http's goroutine for it.
-// It starts the client's writer and waits for it; it alone closes conn.
+// It starts the client's writer and waits for it to end; it alone closes conn.
 func (r *room) serveClient(conn *websocket.Conn) {
 	conn.MaxPayloadBytes = maxMessageBytes // x/net's default is 32 MB
 	c, online := r.join(conn)
@@ -191,7 +195,7 @@ func (r *room) serveClient(conn *websocket.Conn) {
 		conn.Close()
 		return
 	}
-	defer r.connected.Done()
+	defer r.conns.Done()
 	var writer sync.WaitGroup
 	writer.Go(func() { r.writeQueue(c) })
 	r.logf("user %d joined from %s (%d online)", c.uid, conn.Request().RemoteAddr, online)
@@ -201,7 +205,9 @@ func (r *room) serveClient(conn *websocket.Conn) {
 	r.dropLocked(c, reason, time.Now().Add(r.writeTimeout)) // a no-op if the room dropped c first
 	r.mu.Unlock()
 	writer.Wait() // dropping ends the writer
-	conn.Close()  // a close frame if the write deadline allows, then the TCP connection
+	// x/net's Close writes a close frame, then closes the TCP connection. If
+	// the write deadline has passed (a stuck client), only the latter happens.
+	conn.Close()
 	r.logf("user %d left: %s", c.uid, c.leftBecause)
 }
 
@@ -213,7 +219,7 @@ func (r *room) join(conn *websocket.Conn) (c *client, online int) {
 	if r.closing {
 		return nil, 0
 	}
-	r.connected.Add(1)
+	r.conns.Add(1)
 	r.lastUID++
 	c = &client{uid: r.lastUID, conn: conn, wake: make(chan struct{}, 1)}
 	r.clients[c] = true
@@ -226,8 +232,9 @@ func (r *room) join(conn *websocket.Conn) (c *client, online int) {
 // readMessages relays the client's messages until its connection fails, and
 // says why. Flood control is a token bucket kept as one time, nextRead: each
 // frame moves it one interval on, and it never lags more than floodBurst-1
-// intervals behind now (the burst a quiet client has saved). Until nextRead
-// we do not read, so TCP makes a flooder wait, and nothing is dropped.
+// intervals behind now. So a quiet client may send 20 frames at once, and the
+// 21st waits 100 ms. Until nextRead we do not read: TCP makes a flooder wait,
+// and nothing is dropped.
 func (r *room) readMessages(c *client) (reason string) {
 	var nextRead time.Time
 	for {
@@ -308,14 +315,20 @@ func (r *room) enqueue(c *client, ev []byte) bool {
 // writeQueue is the client's writer. Woken, it sends all that is queued as
 // one frame, one event per line: one write per batch, not per event. It ends
 // when the client is dropped (wake is closed) or a write fails.
+//
+// Its write deadline is set under c.mu, as dropLocked sets its own: either
+// this batch was taken before a drop, whose deadline then comes later and
+// wins, or after it, and the queue is empty and nothing is written.
 func (r *room) writeQueue(c *client) {
 	var frame []byte // reused for every batch
 	for range c.wake {
-		runtime.Gosched() // let the broadcasts under way queue more first: fewer, fuller frames
+		// Yield first, so that the broadcasts under way can queue more: in a
+		// burst, fewer and fuller frames (see README, Performance).
+		runtime.Gosched()
 		c.mu.Lock()
 		batch := c.queue
 		c.queue = nil
-		if len(batch) > 0 { // so not after a drop, which empties the queue: its deadline stands
+		if len(batch) > 0 {
 			c.conn.SetWriteDeadline(time.Now().Add(r.writeTimeout))
 		}
 		c.mu.Unlock()
@@ -327,7 +340,6 @@ func (r *room) writeQueue(c *client) {
 			frame = append(append(frame, ev...), '\n')
 		}
 		if _, err := c.conn.Write(frame[:len(frame)-1]); err != nil { // no newline after the last
-
 			reason := "write failed: " + err.Error()
 			if errors.Is(err, os.ErrDeadlineExceeded) {
 				reason = fmt.Sprintf("too slow: a write blocked for %v", r.writeTimeout)
@@ -367,7 +379,8 @@ func (r *room) dropLocked(c *client, reason string, writeBy time.Time) {
 
 // shutdown drops everyone and returns once every connection is closed. A
 // write in progress gets shutdownGrace to finish before the close frame; a
-// writer still stuck then has only its TCP connection closed.
+// writer still stuck then has only its TCP connection closed. A reader paused
+// by flood control wakes within one interval.
 func (r *room) shutdown() {
 	r.mu.Lock()
 	r.closing = true
@@ -376,5 +389,5 @@ func (r *room) shutdown() {
 		r.dropLocked(c, "server shutting down", grace)
 	}
 	r.mu.Unlock()
-	r.connected.Wait()
+	r.conns.Wait()
 }
