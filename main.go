@@ -110,8 +110,8 @@ func encode(ev event) []byte {
 	return b
 }
 
-// A room is the set of connected clients. The lock rule: r.mu guards the map,
-// and a client's mu its queue. Whoever needs both takes r.mu first, never the
+// A room is the set of connected clients. The lock rule: r.mu guards the
+// fields below it, and who is in the room; a client's mu guards its queue. Whoever needs both takes r.mu first, never the
 // other way round, so they cannot deadlock. A writer takes only its client's
 // lock to take its batch, so a broadcast never holds it up. No lock is held
 // across a network write or a log line: either can block.
@@ -130,6 +130,7 @@ type room struct {
 func newRoom(names ...string) *room {
 	r := &room{limits: defaultLimits, logf: log.Printf, clients: make(map[*client]bool)}
 	hostname, _ := os.Hostname()
+	hostname = strings.TrimSuffix(strings.ToLower(hostname), ".local") // as macOS may give it
 	r.hosts = map[string]bool{"localhost": true}
 	for _, name := range append(names, hostname, hostname+".local") {
 		if name = strings.TrimSpace(name); name != "" {
@@ -146,8 +147,9 @@ type client struct {
 	wake        chan struct{} // one slot: "your queue has something"; closed when dropped
 	leftBecause string        // set once, when the room drops the client
 
-	mu    sync.Mutex
-	queue [][]byte // encoded events the writer has not taken yet
+	mu      sync.Mutex
+	queue   [][]byte // encoded events the writer has not taken yet
+	dropped bool     // set by dropLocked, whose write deadline must then stand
 }
 
 // routes serves the page and the chat. ServeMux answers 404 and 405.
@@ -307,7 +309,7 @@ func (r *room) enqueue(c *client, ev []byte) bool {
 	c.mu.Unlock()
 	select {
 	case c.wake <- struct{}{}:
-	default: // already woken: the writer will take ev with the rest
+	default: // already woken
 	}
 	return !full
 }
@@ -316,9 +318,9 @@ func (r *room) enqueue(c *client, ev []byte) bool {
 // one frame, one event per line: one write per batch, not per event. It ends
 // when the client is dropped (wake is closed) or a write fails.
 //
-// Its write deadline is set under c.mu, as dropLocked sets its own: either
-// this batch was taken before a drop, whose deadline then comes later and
-// wins, or after it, and the queue is empty and nothing is written.
+// It sets a write deadline for each batch and clears it afterwards, so that
+// the pongs x/net writes inside Receive, any time later, do not find it
+// passed. Both happen under c.mu and never once dropLocked has set its own.
 func (r *room) writeQueue(c *client) {
 	var frame []byte // reused for every batch
 	for range c.wake {
@@ -328,7 +330,7 @@ func (r *room) writeQueue(c *client) {
 		c.mu.Lock()
 		batch := c.queue
 		c.queue = nil
-		if len(batch) > 0 {
+		if len(batch) > 0 { // never after a drop: it emptied the queue
 			c.conn.SetWriteDeadline(time.Now().Add(r.writeTimeout))
 		}
 		c.mu.Unlock()
@@ -349,6 +351,11 @@ func (r *room) writeQueue(c *client) {
 			r.mu.Unlock()
 			return
 		}
+		c.mu.Lock()
+		if !c.dropped {
+			c.conn.SetWriteDeadline(time.Time{})
+		}
+		c.mu.Unlock()
 		if cap(frame) > 64<<10 {
 			frame = nil // a rare huge batch need not keep its memory
 		}
@@ -367,7 +374,7 @@ func (r *room) dropLocked(c *client, reason string, writeBy time.Time) {
 	delete(r.clients, c)
 	c.leftBecause = reason
 	c.mu.Lock()
-	c.queue = nil
+	c.queue, c.dropped = nil, true
 	c.conn.SetWriteDeadline(writeBy)
 	c.mu.Unlock()
 	c.conn.SetReadDeadline(time.Now())

@@ -204,12 +204,12 @@ func rawHandshake(t testing.TB, addr, host, origin string) (*http.Response, net.
 	return resp, conn, br
 }
 
-// clientFrame is text as one masked text frame, as a browser sends it.
-func clientFrame(text string) []byte {
+// clientFrame is one short masked frame, as a browser sends it.
+func clientFrame(opcode byte, payload string) []byte {
 	mask := []byte{1, 2, 3, 4}
-	frame := append([]byte{0x81, 0x80 | byte(len(text))}, mask...) // short texts only
-	for i := range len(text) {
-		frame = append(frame, text[i]^mask[i%4])
+	frame := append([]byte{0x80 | opcode, 0x80 | byte(len(payload))}, mask...) // under 126 bytes
+	for i := range len(payload) {
+		frame = append(frame, payload[i]^mask[i%4])
 	}
 	return frame
 }
@@ -455,6 +455,7 @@ func TestHostMustBeThisServer(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	hostname = strings.TrimSuffix(hostname, ".local") // tried with and without
 	for _, tc := range []struct {
 		host string
 		want int
@@ -609,6 +610,32 @@ func TestBinaryFrameClosesOnlyItsSender(t *testing.T) {
 	}
 	bot.expectClosed()
 	alice.expect(leave(2, 1))
+}
+
+// x/net answers a ping inside the read loop, with whatever write deadline the
+// connection has then: a ping long after the last message must still get its
+// pong, and the client must stay.
+func TestPingIsAnsweredAfterAQuietSpell(t *testing.T) {
+	_, srv := startServer(t, func(r *room) { r.writeTimeout = 100 * time.Millisecond })
+	resp, conn, br := rawHandshake(t, srv.Listener.Addr().String(), "", "")
+	if resp.StatusCode != http.StatusSwitchingProtocols {
+		t.Fatal(resp.Status)
+	}
+	if _, hello, err := readRawFrame(br); err != nil || !strings.Contains(string(hello), `"hello"`) {
+		t.Fatalf("no hello: %q %v", hello, err)
+	}
+	quietUntil := time.Now().Add(3 * 100 * time.Millisecond) // well past the hello's write deadline
+	waitFor(t, "a quiet spell", func() bool { return time.Now().After(quietUntil) })
+
+	conn.Write(clientFrame(websocket.PingFrame, "are you there?"))
+	if opcode, payload, err := readRawFrame(br); err != nil || opcode != websocket.PongFrame || string(payload) != "are you there?" {
+		t.Fatalf("after a quiet spell, a ping got opcode %d %q (%v), want its pong", opcode, payload, err)
+	}
+	conn.Write(clientFrame(websocket.TextFrame, "still here"))
+	if _, payload, err := readRawFrame(br); err != nil || !strings.Contains(string(payload), `"msg":"still here"`) {
+		t.Fatalf("after the pong: %q %v", payload, err)
+	}
+	t.Log("the ping got its pong, and the client is still in the room")
 }
 
 // ---- Delivery guarantees ----
@@ -770,7 +797,7 @@ func TestDroppedClientSpeaksNoMore(t *testing.T) {
 	alice.expect(join(2, 2))
 
 	t.Log("mallory sends two messages in one TCP write")
-	mallory.Write(append(clientFrame("first"), clientFrame("second")...))
+	mallory.Write(append(clientFrame(websocket.TextFrame, "first"), clientFrame(websocket.TextFrame, "second")...))
 	alice.expect(msg(2, "first"))
 	onServer := r.serverSide(2)
 	r.mu.Lock()
