@@ -364,9 +364,10 @@ func (r *room) writeQueue(c *client) {
 
 // dropLocked takes c out of the room, once, and tells everyone left, whoever
 // gives up first: the client, its writer, a broadcast or shutdown. It reaches
-// c's goroutines through deadlines, not Close, which would wait for a blocked
-// write's lock: a write in progress must end by writeBy, a read deadline of
-// now wakes serveClient, and closing wake ends the writer.
+// c's goroutines through deadlines, not Close, which would wait for x/net's
+// write lock while a write blocks: a write in progress (the writer's, or a
+// pong) must end by writeBy, a read deadline of now wakes serveClient, and
+// closing wake ends the writer.
 func (r *room) dropLocked(c *client, reason string, writeBy time.Time) {
 	if !r.clients[c] {
 		return
