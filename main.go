@@ -111,10 +111,11 @@ func encode(ev event) []byte {
 }
 
 // A room is the set of connected clients. The lock rule: r.mu guards the
-// fields below it, and who is in the room; a client's mu guards its queue. Whoever needs both takes r.mu first, never the
-// other way round, so they cannot deadlock. A writer takes only its client's
-// lock to take its batch, so a broadcast never holds it up. No lock is held
-// across a network write or a log line: either can block.
+// fields below it, and so who is in the room; a client's mu guards its queue.
+// Whoever needs both takes r.mu first, never the other way round, so they
+// cannot deadlock. A writer takes only its client's lock to take its batch,
+// so a broadcast never holds it up. No lock is held across a network write or
+// a log line: either can block.
 type room struct {
 	limits // queueLimit, writeTimeout, floodBurst, floodInterval
 	logf   func(format string, args ...any)
@@ -165,10 +166,10 @@ func (r *room) routes() http.Handler {
 }
 
 // checkHandshake refuses another site's page, which could otherwise chat in a
-// visitor's name from inside their network. Origin must name this server's
-// Host (no Origin means a command-line client), and Host must be an IP address
-// or one of our names: a site whose DNS name is re-pointed at this server
-// passes the first check (DNS rebinding), but not the second.
+// visitor's name from inside their network. Host must be an IP address or one
+// of our names: a site whose DNS name is re-pointed at this server (DNS
+// rebinding) sends an Origin that matches its Host. And Origin must name this
+// server's Host; no Origin means a command-line client.
 func (r *room) checkHandshake(_ *websocket.Config, req *http.Request) error {
 	host, _, err := net.SplitHostPort(req.Host)
 	if err != nil {
@@ -189,7 +190,7 @@ func (r *room) checkHandshake(_ *websocket.Config, req *http.Request) error {
 }
 
 // serveClient is one connection's whole life, on net/http's goroutine for it.
-// It starts the client's writer and waits for it to end; it alone closes conn.
+// It starts the client's writer, waits for it to end, and closes conn.
 func (r *room) serveClient(conn *websocket.Conn) {
 	conn.MaxPayloadBytes = maxMessageBytes // x/net's default is 32 MB
 	c, online := r.join(conn)
