@@ -34,7 +34,8 @@ var indexHTML []byte
 
 const (
 	maxMessageBytes = 4096        // a larger frame closes the sender's connection
-	shutdownGrace   = time.Second // to finish a write and send a close frame at exit
+	closeGrace      = time.Second // a dropped client's last write and close frame must be done by then
+	watchEvery      = time.Second // how often the room looks at every writer (watchWriters)
 )
 
 // limits are a room's rules; tests lower them on their own room.
@@ -138,6 +139,7 @@ func newRoom(names ...string) *room {
 			r.hosts[strings.ToLower(name)] = true
 		}
 	}
+	go r.watchWriters() // until shutdown
 	return r
 }
 
@@ -146,11 +148,12 @@ type client struct {
 	uid         int
 	conn        *websocket.Conn
 	wake        chan struct{} // one slot: "your queue has something"; closed when dropped
-	leftBecause string        // set once, when the room drops the client
+	leftBecause string        // set once, when the room drops the client; guarded by r.mu
 
-	mu      sync.Mutex
-	queue   [][]byte // encoded events the writer has not taken yet
-	dropped bool     // set by dropLocked, whose write deadline must then stand
+	mu        sync.Mutex // guards the fields below
+	queue     [][]byte   // encoded events the writer has not taken yet
+	writing   bool       // the writer is in a write
+	lastWrite time.Time  // when the writer's latest write began
 }
 
 // routes serves the page and the chat. ServeMux answers 404 and 405.
@@ -205,13 +208,14 @@ func (r *room) serveClient(conn *websocket.Conn) {
 
 	reason := r.readMessages(c)
 	r.mu.Lock()
-	r.dropLocked(c, reason, time.Now().Add(r.writeTimeout)) // a no-op if the room dropped c first
+	r.dropLocked(c, reason) // a no-op if the room dropped c first
+	reason = c.leftBecause  // whoever gave up first says why
 	r.mu.Unlock()
 	writer.Wait() // dropping ends the writer
 	// x/net's Close writes a close frame, then closes the TCP connection. If
-	// the write deadline has passed (a stuck client), only the latter happens.
+	// the drop's write deadline has passed (a stuck client), only the latter happens.
 	conn.Close()
-	r.logf("user %d left: %s", c.uid, c.leftBecause)
+	r.logf("user %d left: %s", c.uid, reason)
 }
 
 // join gives the connection the next user id, says hello to it and tells
@@ -224,7 +228,7 @@ func (r *room) join(conn *websocket.Conn) (c *client, online int) {
 	}
 	r.conns.Add(1)
 	r.lastUID++
-	c = &client{uid: r.lastUID, conn: conn, wake: make(chan struct{}, 1)}
+	c = &client{uid: r.lastUID, conn: conn, wake: make(chan struct{}, 1), lastWrite: time.Now()}
 	r.clients[c] = true
 	online = len(r.clients)
 	r.enqueue(c, encode(event{Type: "hello", UID: c.uid, Online: online}))
@@ -295,7 +299,7 @@ func (r *room) broadcastLocked(ev []byte, skip *client) {
 		}
 	}
 	for _, c := range tooSlow {
-		r.dropLocked(c, fmt.Sprintf("too slow: %d events waiting", r.queueLimit), time.Now())
+		r.dropLocked(c, fmt.Sprintf("too slow: %d events waiting", r.queueLimit))
 	}
 }
 
@@ -317,11 +321,8 @@ func (r *room) enqueue(c *client, ev []byte) bool {
 
 // writeQueue is the client's writer. Woken, it sends all that is queued as
 // one frame, one event per line: one write per batch, not per event. It ends
-// when the client is dropped (wake is closed) or a write fails.
-//
-// It sets a write deadline for each batch and clears it afterwards, so that
-// the pongs x/net writes inside Receive, any time later, do not find it
-// passed. Both happen under c.mu and never once dropLocked has set its own.
+// when the client is dropped (wake is closed) or a write fails. It sets no
+// deadline: watchWriters cuts a write that blocks too long.
 func (r *room) writeQueue(c *client) {
 	var frame []byte // reused for every batch
 	for range c.wake {
@@ -331,8 +332,8 @@ func (r *room) writeQueue(c *client) {
 		c.mu.Lock()
 		batch := c.queue
 		c.queue = nil
-		if len(batch) > 0 { // never after a drop: it emptied the queue
-			c.conn.SetWriteDeadline(time.Now().Add(r.writeTimeout))
+		if len(batch) > 0 {
+			c.writing, c.lastWrite = true, time.Now()
 		}
 		c.mu.Unlock()
 		if len(batch) == 0 {
@@ -342,60 +343,85 @@ func (r *room) writeQueue(c *client) {
 		for _, ev := range batch {
 			frame = append(append(frame, ev...), '\n')
 		}
-		if _, err := c.conn.Write(frame[:len(frame)-1]); err != nil { // no newline after the last
-			reason := "write failed: " + err.Error()
-			if errors.Is(err, os.ErrDeadlineExceeded) {
-				reason = fmt.Sprintf("too slow: a write blocked for %v", r.writeTimeout)
-			}
+		_, err := c.conn.Write(frame[:len(frame)-1]) // no newline after the last
+		c.mu.Lock()
+		c.writing = false
+		c.mu.Unlock()
+		if err != nil {
 			r.mu.Lock()
-			r.dropLocked(c, reason, time.Now())
+			r.dropLocked(c, "write failed: "+err.Error())
 			r.mu.Unlock()
 			return
 		}
-		c.mu.Lock()
-		if !c.dropped {
-			c.conn.SetWriteDeadline(time.Time{})
-		}
-		c.mu.Unlock()
 		if cap(frame) > 64<<10 {
 			frame = nil // a rare huge batch need not keep its memory
 		}
 	}
 }
 
+// watchWriters is the room's clock: every watchEvery until shutdown, it
+// checks on every writer.
+func (r *room) watchWriters() {
+	tick := time.NewTicker(watchEvery)
+	defer tick.Stop()
+	for now := range tick.C {
+		r.mu.Lock()
+		if r.closing {
+			r.mu.Unlock()
+			return
+		}
+		r.checkWritersLocked(now)
+		r.mu.Unlock()
+	}
+}
+
+// checkWritersLocked drops every client whose writer has been in one write
+// for writeTimeout: its socket is full, so it reads nothing, or it is gone.
+func (r *room) checkWritersLocked(now time.Time) {
+	var stuck []*client
+	for c := range r.clients {
+		c.mu.Lock()
+		if c.writing && now.Sub(c.lastWrite) >= r.writeTimeout {
+			stuck = append(stuck, c)
+		}
+		c.mu.Unlock()
+	}
+	for _, c := range stuck { // not above: dropLocked takes every client's lock
+		r.dropLocked(c, fmt.Sprintf("too slow: a write blocked for %v", r.writeTimeout))
+	}
+}
+
 // dropLocked takes c out of the room, once, and tells everyone left, whoever
-// gives up first: the client, its writer, a broadcast or shutdown. It reaches
-// c's goroutines through deadlines, not Close, which would wait for x/net's
-// write lock while a write blocks: a write in progress (the writer's, or a
-// pong) must end by writeBy, a read deadline of now wakes serveClient, and
-// closing wake ends the writer.
-func (r *room) dropLocked(c *client, reason string, writeBy time.Time) {
+// gives up first: the client, its writer, a broadcast, the clock or shutdown.
+// It reaches c's goroutines through deadlines, not Close, which would wait
+// for x/net's write lock while a write blocks: a read deadline of now wakes
+// serveClient; the write in progress, if any, and then the close frame must
+// be done within closeGrace; closing wake ends the writer.
+func (r *room) dropLocked(c *client, reason string) {
 	if !r.clients[c] {
 		return
 	}
 	delete(r.clients, c)
 	c.leftBecause = reason
 	c.mu.Lock()
-	c.queue, c.dropped = nil, true
-	c.conn.SetWriteDeadline(writeBy)
+	c.queue = nil
 	c.mu.Unlock()
 	c.conn.SetReadDeadline(time.Now())
+	c.conn.SetWriteDeadline(time.Now().Add(closeGrace))
 	close(c.wake)
 	if !r.closing {
 		r.broadcastLocked(encode(event{Type: "leave", UID: c.uid, Online: len(r.clients)}), nil)
 	}
 }
 
-// shutdown drops everyone and returns once every connection is closed. A
-// write in progress gets shutdownGrace to finish before the close frame; a
-// writer still stuck then has only its TCP connection closed. A reader paused
-// by flood control wakes within one interval.
+// shutdown drops everyone and returns once every connection is closed: a
+// writer still stuck after closeGrace has only its TCP connection closed, and
+// a reader paused by flood control wakes within one interval.
 func (r *room) shutdown() {
 	r.mu.Lock()
 	r.closing = true
-	grace := time.Now().Add(shutdownGrace)
 	for c := range r.clients {
-		r.dropLocked(c, "server shutting down", grace)
+		r.dropLocked(c, "server shutting down")
 	}
 	r.mu.Unlock()
 	r.conns.Wait()

@@ -39,7 +39,9 @@ func startServer(t testing.TB, change func(*room)) (*room, *httptest.Server) {
 	r := newRoom()
 	r.logf = func(format string, args ...any) { t.Logf("server: "+format, args...) }
 	if change != nil {
+		r.mu.Lock() // the room's clock may already be reading its limits
 		change(r)
+		r.mu.Unlock()
 	}
 	srv := httptest.NewUnstartedServer(r.routes())
 	srv.Listener = &connCounter{Listener: srv.Listener} // see TestShutdownClosesEveryConnection
@@ -801,7 +803,7 @@ func TestDroppedClientSpeaksNoMore(t *testing.T) {
 	alice.expect(msg(2, "first"))
 	onServer := r.serverSide(2)
 	r.mu.Lock()
-	r.dropLocked(onServer, "dropped by the test", time.Now())
+	r.dropLocked(onServer, "dropped by the test")
 	r.mu.Unlock()
 	alice.expect(leave(2, 1))
 	for {
@@ -860,6 +862,7 @@ func TestNoGoroutineIsLeftBehind(t *testing.T) {
 	}
 	waitFor(t, "the room to be empty", func() bool { return r.online() == 0 })
 	srv.Close()
+	r.shutdown() // and the room's clock stops
 	waitFor(t, "every goroutine to end", func() bool { return runtime.NumGoroutine() <= before })
 	t.Logf("goroutines: %d before the server started, %d after everyone left", before, runtime.NumGoroutine())
 }
