@@ -7,6 +7,7 @@
 package main
 
 import (
+	"bytes"
 	"context"
 	_ "embed"
 	"encoding/json"
@@ -34,6 +35,7 @@ var indexHTML []byte
 
 const (
 	maxMessageBytes = 4096        // a larger frame closes the sender's connection
+	maxFrameBytes   = 16 << 10    // events share a frame up to this size; a larger one travels alone
 	closeGrace      = time.Second // a dropped client's last write and close frame must be done by then
 	watchEvery      = time.Second // how often the room looks at every writer (watchWriters)
 )
@@ -42,12 +44,13 @@ const (
 type limits struct {
 	queueLimit    int           // events waiting for one client before it is too slow
 	writeTimeout  time.Duration // a write blocked this long: the client is stuck or gone
+	pingInterval  time.Duration // nothing written to a client for this long: ping it
 	floodBurst    int           // messages a client may send at once...
 	floodInterval time.Duration // ...and then one per interval
 }
 
 var defaultLimits = limits{queueLimit: 4096, writeTimeout: 10 * time.Second,
-	floodBurst: 20, floodInterval: time.Second / 10}
+	pingInterval: 30 * time.Second, floodBurst: 20, floodInterval: time.Second / 10}
 
 func main() {
 	addr := flag.String("addr", ":8080", "`host:port` to listen on; :0 picks a free port")
@@ -104,11 +107,16 @@ type event struct {
 	Msg    string `json:"msg,omitempty"`
 }
 
-// encode makes an event one line of JSON. Marshal cannot fail on strings and
-// ints, and it writes invalid UTF-8 as U+FFFD, so the line is always valid.
+// encode makes an event one line of JSON, ending in the newline that
+// separates events in a frame. It does not escape HTML (json.Marshal writes <
+// as \u003c, six bytes): the page shows messages as text, never as HTML.
+// Invalid UTF-8 becomes U+FFFD, so the line is always valid JSON.
 func encode(ev event) []byte {
-	b, _ := json.Marshal(ev)
-	return b
+	var line bytes.Buffer
+	enc := json.NewEncoder(&line)
+	enc.SetEscapeHTML(false)
+	enc.Encode(ev) // cannot fail on strings and ints
+	return line.Bytes()
 }
 
 // A room is the set of connected clients. The lock rule: r.mu guards the
@@ -152,6 +160,7 @@ type client struct {
 
 	mu        sync.Mutex // guards the fields below
 	queue     [][]byte   // encoded events the writer has not taken yet
+	pingDue   bool       // the room's clock asks the writer for a ping
 	writing   bool       // the writer is in a write
 	lastWrite time.Time  // when the writer's latest write began
 }
@@ -168,12 +177,14 @@ func (r *room) routes() http.Handler {
 	return mux
 }
 
-// checkHandshake refuses another site's page, which could otherwise chat in a
+// checkHandshake declines every subprotocol a client offers (x/net would
+// echo one back, and refuse two), and refuses another site's page, which could otherwise chat in a
 // visitor's name from inside their network. Host must be an IP address or one
 // of our names: a site whose DNS name is re-pointed at this server (DNS
 // rebinding) sends an Origin that matches its Host. And Origin must name this
 // server's Host; no Origin means a command-line client.
-func (r *room) checkHandshake(_ *websocket.Config, req *http.Request) error {
+func (r *room) checkHandshake(config *websocket.Config, req *http.Request) error {
+	config.Protocol = nil // we speak only our own protocol, so we name none
 	host, _, err := net.SplitHostPort(req.Host)
 	if err != nil {
 		host = req.Host // no port
@@ -312,52 +323,83 @@ func (r *room) enqueue(c *client, ev []byte) bool {
 		c.queue = append(c.queue, ev)
 	}
 	c.mu.Unlock()
+	c.wakeWriter()
+	return !full
+}
+
+// wakeWriter fills c.wake's one slot, if it is empty. r.mu must be held: it
+// keeps c.wake open.
+func (c *client) wakeWriter() {
 	select {
 	case c.wake <- struct{}{}:
 	default: // already woken
 	}
-	return !full
 }
 
-// writeQueue is the client's writer. Woken, it sends all that is queued as
-// one frame, one event per line: one write per batch, not per event. It ends
-// when the client is dropped (wake is closed) or a write fails. It sets no
-// deadline: watchWriters cuts a write that blocks too long.
+// writeQueue is the client's writer. Woken, it sends what is queued, as
+// many events per frame as fit in maxFrameBytes, one per line: one write per
+// frame, not per event. Or it sends the ping the room's clock asked for. It
+// ends when the client is dropped (wake is closed) or a write fails. It sets
+// no deadline: the room's clock cuts a write that blocks too long.
 func (r *room) writeQueue(c *client) {
-	var frame []byte // reused for every batch
+	var frame []byte // reused for every frame; the frame cap bounds its size
 	for range c.wake {
 		// Yield first, so that the broadcasts under way can queue more: in a
 		// burst, fewer and fuller frames (see README, Performance).
 		runtime.Gosched()
-		c.mu.Lock()
-		batch := c.queue
-		c.queue = nil
-		if len(batch) > 0 {
-			c.writing, c.lastWrite = true, time.Now()
-		}
-		c.mu.Unlock()
-		if len(batch) == 0 {
-			continue // woken for events that an earlier round sent
-		}
-		frame = frame[:0]
-		for _, ev := range batch {
-			frame = append(append(frame, ev...), '\n')
-		}
-		_, err := c.conn.Write(frame[:len(frame)-1]) // no newline after the last
-		c.mu.Lock()
-		c.writing = false
-		c.mu.Unlock()
-		if err != nil {
-			r.mu.Lock()
-			r.dropLocked(c, "write failed: "+err.Error())
-			r.mu.Unlock()
-			return
-		}
-		if cap(frame) > 64<<10 {
-			frame = nil // a rare huge batch need not keep its memory
+		for {
+			var ping bool
+			frame, ping = c.nextWrite(frame[:0])
+			if len(frame) == 0 && !ping {
+				break // all sent: wait for the next wake
+			}
+			var err error
+			if ping {
+				err = pingFrame.Send(c.conn, nil)
+			} else {
+				_, err = c.conn.Write(frame[:len(frame)-1]) // no newline after the last event
+			}
+			c.mu.Lock()
+			c.writing = false
+			c.mu.Unlock()
+			if err != nil {
+				r.mu.Lock()
+				r.dropLocked(c, "write failed: "+err.Error())
+				r.mu.Unlock()
+				return
+			}
 		}
 	}
 }
+
+// nextWrite appends to frame the queued events that fit in maxFrameBytes, and
+// at least one, however large; the rest stay queued, in order. With nothing
+// queued, it reports the ping the clock asked for, if any. Either way, it
+// notes that a write begins.
+func (c *client) nextWrite(frame []byte) (_ []byte, ping bool) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	n := 0
+	for n < len(c.queue) && (n == 0 || len(frame)+len(c.queue[n]) <= maxFrameBytes) {
+		frame = append(frame, c.queue[n]...)
+		n++
+	}
+	if c.queue = c.queue[n:]; len(c.queue) == 0 {
+		c.queue = nil // let the memory of the events sent go
+	}
+	ping = n == 0 && c.pingDue
+	c.pingDue = false
+	if c.writing = n > 0 || ping; c.writing {
+		c.lastWrite = time.Now()
+	}
+	return frame, ping
+}
+
+// pingFrame sends a ping. x/net has no call for it, but a Codec may choose
+// the frame type. x/net reads the client's pong, and drops it, inside Receive.
+var pingFrame = websocket.Codec{Marshal: func(any) ([]byte, byte, error) {
+	return nil, websocket.PingFrame, nil
+}}
 
 // watchWriters is the room's clock: every watchEvery until shutdown, it
 // checks on every writer.
@@ -377,12 +419,18 @@ func (r *room) watchWriters() {
 
 // checkWritersLocked drops every client whose writer has been in one write
 // for writeTimeout: its socket is full, so it reads nothing, or it is gone.
+// And it asks for a ping where nothing was written for pingInterval, so that
+// a proxy does not cut a quiet connection as idle.
 func (r *room) checkWritersLocked(now time.Time) {
 	var stuck []*client
 	for c := range r.clients {
 		c.mu.Lock()
-		if c.writing && now.Sub(c.lastWrite) >= r.writeTimeout {
+		since := now.Sub(c.lastWrite)
+		if c.writing && since >= r.writeTimeout {
 			stuck = append(stuck, c)
+		} else if !c.writing && since >= r.pingInterval {
+			c.pingDue = true
+			c.wakeWriter()
 		}
 		c.mu.Unlock()
 	}
@@ -404,7 +452,7 @@ func (r *room) dropLocked(c *client, reason string) {
 	delete(r.clients, c)
 	c.leftBecause = reason
 	c.mu.Lock()
-	c.queue = nil
+	c.queue, c.pingDue = nil, false // the writer sends nothing more
 	c.mu.Unlock()
 	c.conn.SetReadDeadline(time.Now())
 	c.conn.SetWriteDeadline(time.Now().Add(closeGrace))

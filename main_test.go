@@ -137,7 +137,7 @@ func (tc *testClient) expect(want event) {
 	if got != want {
 		tc.t.Fatalf("%s got %+v, want %+v", tc.name, got, want)
 	}
-	tc.t.Logf("%s received %s", tc.name, short(string(encode(got))))
+	tc.t.Logf("%s received %s", tc.name, short(strings.TrimSpace(string(encode(got)))))
 }
 
 // short keeps a long text from filling the test's log.
@@ -176,9 +176,9 @@ func msg(uid int, text string) event {
 // ---- Helpers: raw WebSocket ----
 
 // rawHandshake opens a WebSocket by hand, so a test can choose the Host and
-// Origin headers (x/net's client always sends an Origin) and see every byte
-// of the reply. An empty host means the address dialled.
-func rawHandshake(t testing.TB, addr, host, origin string) (*http.Response, net.Conn, *bufio.Reader) {
+// Origin headers (x/net's client always sends an Origin), add header lines,
+// and see every byte of the reply. An empty host means the address dialled.
+func rawHandshake(t testing.TB, addr, host, origin string, headers ...string) (*http.Response, net.Conn, *bufio.Reader) {
 	t.Helper()
 	conn, err := net.Dial("tcp", addr)
 	if err != nil {
@@ -194,6 +194,9 @@ func rawHandshake(t testing.TB, addr, host, origin string) (*http.Response, net.
 		"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
 	if origin != "" {
 		req += "Origin: " + origin + "\r\n"
+	}
+	for _, h := range headers {
+		req += h + "\r\n"
 	}
 	if _, err := io.WriteString(conn, req+"\r\n"); err != nil {
 		t.Fatal(err)
@@ -567,6 +570,15 @@ func TestTextIsRelayedVerbatim(t *testing.T) {
 		bob.expect(msg(1, text))
 	}
 
+	// HTML travels as it is, not escaped as \u003c: the page shows it as text.
+	alice.say("<b>&</b>")
+	bob.conn.SetReadDeadline(time.Now().Add(5 * time.Second))
+	var raw string
+	if err := websocket.Message.Receive(bob.conn, &raw); err != nil || !strings.Contains(raw, `"msg":"<b>&</b>"`) {
+		t.Fatalf("<b>&</b> arrived as %q (%v)", raw, err)
+	}
+	t.Logf("bob received %s", raw)
+
 	// Invalid UTF-8 must still come out as valid JSON: the bad byte becomes U+FFFD.
 	alice.say("a\xffb")
 	bob.conn.SetReadDeadline(time.Now().Add(5 * time.Second))
@@ -640,37 +652,187 @@ func TestPingIsAnsweredAfterAQuietSpell(t *testing.T) {
 	t.Log("the ping got its pong, and the client is still in the room")
 }
 
+// The server speaks no subprotocol, so it names none, whatever a client
+// offers: RFC 6455 lets it accept without one. x/net alone would echo a
+// single offer back, claiming to speak it, and refuse two with 400.
+func TestEverySubprotocolIsDeclined(t *testing.T) {
+	_, srv := startServer(t, nil)
+	for _, offer := range []string{"chat", "chat, superchat", " , ,,", `;="x`} {
+		resp, _, br := rawHandshake(t, srv.Listener.Addr().String(), "", "", "Sec-WebSocket-Protocol: "+offer)
+		if resp.StatusCode != http.StatusSwitchingProtocols || resp.Header.Get("Sec-WebSocket-Protocol") != "" {
+			t.Fatalf("offered %q: %s, Sec-WebSocket-Protocol %q; want 101 and none", offer, resp.Status, resp.Header.Get("Sec-WebSocket-Protocol"))
+		}
+		if _, hello, err := readRawFrame(br); err != nil || !strings.Contains(string(hello), `"hello"`) {
+			t.Fatalf("offered %q: no hello: %q %v", offer, hello, err)
+		}
+		t.Logf("offered %q: 101, no subprotocol named, hello received", offer)
+	}
+}
+
+// After pingInterval with nothing written to it, a client gets a ping, so
+// that a proxy between it and the server does not cut the quiet connection.
+// The test runs the room's clock by hand, at made-up times.
+func TestQuietClientIsPinged(t *testing.T) {
+	r, srv := startServer(t, nil)
+	resp, conn, br := rawHandshake(t, srv.Listener.Addr().String(), "", "")
+	if resp.StatusCode != http.StatusSwitchingProtocols {
+		t.Fatal(resp.Status)
+	}
+	if _, hello, err := readRawFrame(br); err != nil || !strings.Contains(string(hello), `"hello"`) {
+		t.Fatalf("no hello: %q %v", hello, err)
+	}
+	clockAt := func(later time.Duration) {
+		t.Logf("the room's clock, %v from now", later)
+		r.mu.Lock()
+		r.checkWritersLocked(time.Now().Add(later))
+		r.mu.Unlock()
+	}
+	expectFrame := func(opcode byte, contains string) {
+		t.Helper()
+		got, payload, err := readRawFrame(br)
+		if err != nil || got != opcode || !strings.Contains(string(payload), contains) {
+			t.Fatalf("got opcode %d %q (%v), want opcode %d with %q", got, payload, err, opcode, contains)
+		}
+	}
+
+	clockAt(r.pingInterval)
+	expectFrame(websocket.PingFrame, "")
+	t.Log("a ping, which the client does not answer")
+	conn.Write(clientFrame(websocket.TextFrame, "still here"))
+	expectFrame(websocket.TextFrame, `"msg":"still here"`)
+
+	t.Log("as if that message had been the first write for 20 s: the clock 15 s after it")
+	onServer := r.serverSide(1)
+	onServer.mu.Lock()
+	onServer.lastWrite = onServer.lastWrite.Add(-20 * time.Second)
+	onServer.mu.Unlock()
+	conn.Write(clientFrame(websocket.TextFrame, "and again"))
+	expectFrame(websocket.TextFrame, `"msg":"and again"`)
+	clockAt(15 * time.Second)
+	onServer.mu.Lock()
+	pingDue := onServer.pingDue
+	onServer.mu.Unlock()
+	conn.Write(clientFrame(websocket.TextFrame, "no ping"))
+	if expectFrame(websocket.TextFrame, `"msg":"no ping"`); pingDue {
+		t.Fatal("a ping was asked for 15 s after a write")
+	}
+	t.Log("no ping: the client heard something 15 s ago")
+}
+
+// A client that floods pings and reads nothing piles up pongs, which the
+// server's read loop writes, competing with the writer for x/net's write
+// lock. The others must not notice; the pinger goes once the room's clock
+// finds a write to it in progress for writeTimeout, and its goroutines end.
+func TestPingingWithoutReadingIsHarmless(t *testing.T) {
+	logs := &logRecorder{t: t}
+	r, srv := startServer(t, func(r *room) { r.floodInterval, r.logf = 0, logs.logf })
+	alice := joinRoom(t, srv, "alice")[0]
+	resp, pinger, _ := rawHandshake(t, srv.Listener.Addr().String(), "", "")
+	if resp.StatusCode != http.StatusSwitchingProtocols {
+		t.Fatal(resp.Status)
+	}
+	alice.expect(join(2, 2))
+	pinger.(*net.TCPConn).SetReadBuffer(4096) // a few pongs fill it
+	t.Log("the pinger sends pings, 125 bytes each, and reads nothing; alice chats")
+	unread := make(chan struct{}) // closed once the server stops reading the pinger
+	go func() {
+		defer close(unread)
+		pings := bytes.Repeat(clientFrame(websocket.PingFrame, strings.Repeat("p", 125)), 100)
+		for {
+			pinger.SetWriteDeadline(time.Now().Add(200 * time.Millisecond))
+			if _, err := pinger.Write(pings); err != nil {
+				return // 200 ms without room: the server has stopped reading for now
+			}
+		}
+	}()
+	for i := 0; ; i++ {
+		alice.say(fmt.Sprint(i))
+		alice.expect(msg(1, fmt.Sprint(i)))
+		select {
+		case <-unread:
+		case <-time.After(time.Millisecond):
+			continue
+		}
+		break
+	}
+	stuck := func() bool { // writing, with more to write
+		c := r.serverSide(2)
+		c.mu.Lock()
+		defer c.mu.Unlock()
+		return c.writing && len(c.queue) > 0
+	}
+	for i := 0; !stuck(); i++ {
+		if i == 10_000 {
+			t.Fatal("the pinger's writer never got stuck")
+		}
+		alice.say("and " + fmt.Sprint(i))
+		alice.expect(msg(1, "and "+fmt.Sprint(i)))
+	}
+	t.Log("a write to the pinger is in progress; the room's clock comes round writeTimeout later")
+	r.mu.Lock()
+	r.checkWritersLocked(time.Now().Add(r.writeTimeout))
+	r.mu.Unlock()
+	alice.expect(leave(2, 1))
+	waitFor(t, "the pinger's read loop to end", func() bool { return logs.contains("user 2 left: too slow: a write blocked") })
+	alice.say("still here")
+	alice.expect(msg(1, "still here"))
+}
+
 // ---- Delivery guarantees ----
 
-// Events waiting for a client travel together in one frame, one per line, in
-// order. Here sleepy stops reading until its writer is stuck, so that
-// alice's messages pile up in its queue; then it reads everything.
-func TestWaitingEventsTravelInOneFrame(t *testing.T) {
+// A client that fell behind catches up on every event, in order, in frames
+// of at most maxFrameBytes, or of one event that alone is larger: clients cap
+// what they read in one frame (coder/websocket at 32 KiB, Python's websockets
+// at 1 MiB). Here sleepy stops reading until its writer is stuck; alice's 4 KB
+// messages pile up, one of them 4096 control characters, 24 KB as JSON.
+func TestCatchingUpComesInCappedFrames(t *testing.T) {
 	r, srv := startServer(t, func(r *room) { r.floodInterval = 0 })
 	users := joinRoom(t, srv, "alice", "sleepy")
 	alice, sleepy := users[0], users[1]
-	sent, waiting := stallWriter(t, r, alice, 2, 10)
+	sent, _ := stallWriter(t, r, alice, 2, 40)
+	big := strings.Repeat("\x01", maxMessageBytes)
+	alice.say(big)
+	alice.expect(msg(1, big))
+	for range 10 {
+		alice.say(fmt.Sprintf("%d %4000s", sent, "."))
+		alice.read()
+		sent++
+	}
 
 	t.Log("sleepy reads again")
-	var lastFrame string
-	for received := 0; received < sent; {
+	var largest, shared int
+	for next := 0; next < sent; {
 		sleepy.conn.SetReadDeadline(time.Now().Add(5 * time.Second))
-		if err := websocket.Message.Receive(sleepy.conn, &lastFrame); err != nil {
-			t.Fatalf("sleepy, after %d of %d messages: %v", received, sent, err)
+		var frame string
+		if err := websocket.Message.Receive(sleepy.conn, &frame); err != nil {
+			t.Fatalf("sleepy, at message %d of %d: %v", next, sent, err)
 		}
-		received += strings.Count(lastFrame, "\n") + 1
-	}
-	lines := strings.Split(lastFrame, "\n")
-	if len(lines) != waiting {
-		t.Fatalf("the last frame held %d events, want the %d that were waiting", len(lines), waiting)
-	}
-	for i, line := range lines {
-		var ev event
-		if err := json.Unmarshal([]byte(line), &ev); err != nil || !strings.HasPrefix(ev.Msg, fmt.Sprint(sent-waiting+i, " ")) {
-			t.Fatalf("line %d of the last frame: %.60q, want alice's message %d", i, line, sent-waiting+i)
+		lines := strings.Split(frame, "\n")
+		if len(frame) > maxFrameBytes && len(lines) > 1 {
+			t.Fatalf("a frame of %d bytes with %d events", len(frame), len(lines))
+		}
+		largest = max(largest, len(frame))
+		if len(lines) > 1 {
+			shared++
+		}
+		for _, line := range lines {
+			var ev event
+			if err := json.Unmarshal([]byte(line), &ev); err != nil {
+				t.Fatal(err)
+			}
+			if ev.Msg == big {
+				continue
+			}
+			if !strings.HasPrefix(ev.Msg, fmt.Sprint(next, " ")) {
+				t.Fatalf("got %.60q, want alice's message %d", line, next)
+			}
+			next++
 		}
 	}
-	t.Logf("the %d waiting events arrived in one frame of %d lines, in order", waiting, len(lines))
+	if shared == 0 {
+		t.Fatal("no frame carried more than one event")
+	}
+	t.Logf("sleepy caught up on all %d messages, in order; largest frame %d bytes; %d frames carried several events", sent+1, largest, shared)
 }
 
 func TestSameOrderEverywhere(t *testing.T) {
@@ -768,7 +930,7 @@ func TestSlowClientIsDisconnectedWithoutDelayingOthers(t *testing.T) {
 						t.Fatal(err)
 					}
 					if ev == leave(2, 1) {
-						t.Logf("alice received %s after %d of her messages", encode(ev), n)
+						t.Logf("alice received %s after %d of her messages", strings.TrimSpace(string(encode(ev))), n)
 						gone = true
 						continue
 					}
