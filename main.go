@@ -9,6 +9,7 @@ package main
 import (
 	"bytes"
 	"context"
+	"crypto/rand"
 	_ "embed"
 	"encoding/json"
 	"errors"
@@ -36,6 +37,7 @@ var indexHTML []byte
 const (
 	maxMessageBytes = 4096        // a larger frame closes the sender's connection
 	maxFrameBytes   = 16 << 10    // events share a frame up to this size; a larger one travels alone
+	historySize     = 100         // chat messages a newcomer is sent from before it came
 	closeGrace      = time.Second // a dropped client's last write and close frame must be done by then
 	watchEvery      = time.Second // how often the room looks at every writer (watchWriters)
 )
@@ -101,10 +103,13 @@ func printURLs(w io.Writer, addr *net.TCPAddr) {
 
 // An event is what the server sends: hello, join, leave or msg.
 type event struct {
-	Type   string `json:"type"`
-	UID    int    `json:"uid"`
-	Online int    `json:"online,omitempty"`
-	Msg    string `json:"msg,omitempty"`
+	Type    string `json:"type"`
+	ID      int    `json:"id,omitempty"` // msg: 1, 2, 3… in each run of the server
+	UID     int    `json:"uid"`
+	Online  int    `json:"online,omitempty"`
+	Msg     string `json:"msg,omitempty"`
+	Run     string `json:"run,omitempty"`     // hello: new each time the server starts
+	History int    `json:"history,omitempty"` // hello: this many msg events follow it
 }
 
 // encode makes an event one line of JSON, ending in the newline that
@@ -129,16 +134,19 @@ type room struct {
 	limits // queueLimit, writeTimeout, floodBurst, floodInterval
 	logf   func(format string, args ...any)
 	hosts  map[string]bool // names the chat answers to, besides IP addresses
+	run    string          // tells a page that reconnects whether the server restarted
 
-	mu      sync.Mutex
-	clients map[*client]bool
-	lastUID int            // user ids count up and are never reused
-	closing bool           // shutting down: nobody may join
-	conns   sync.WaitGroup // counts joined connections until they are closed
+	mu        sync.Mutex
+	clients   map[*client]bool
+	lastUID   int            // user ids count up and are never reused
+	lastMsgID int            // and so do message ids
+	history   [][]byte       // the last historySize msg events, oldest first
+	closing   bool           // shutting down: nobody may join
+	conns     sync.WaitGroup // counts joined connections until they are closed
 }
 
 func newRoom(names ...string) *room {
-	r := &room{limits: defaultLimits, logf: log.Printf, clients: make(map[*client]bool)}
+	r := &room{limits: defaultLimits, logf: log.Printf, run: rand.Text(), clients: make(map[*client]bool)}
 	hostname, _ := os.Hostname()
 	hostname = strings.TrimSuffix(strings.ToLower(hostname), ".local") // as macOS may give it
 	r.hosts = map[string]bool{"localhost": true}
@@ -242,7 +250,12 @@ func (r *room) join(conn *websocket.Conn) (c *client, online int) {
 	c = &client{uid: r.lastUID, conn: conn, wake: make(chan struct{}, 1), lastWrite: time.Now()}
 	r.clients[c] = true
 	online = len(r.clients)
-	r.enqueue(c, encode(event{Type: "hello", UID: c.uid, Online: online}))
+	// The history goes into the queue right after hello, under the lock every
+	// broadcast takes: the newcomer's live stream starts where it ends.
+	r.enqueue(c, encode(event{Type: "hello", UID: c.uid, Online: online, Run: r.run, History: len(r.history)}))
+	for _, ev := range r.history {
+		r.enqueue(c, ev)
+	}
 	r.broadcastLocked(encode(event{Type: "join", UID: c.uid, Online: online}), c)
 	return c, online
 }
@@ -288,14 +301,20 @@ var textMessage = websocket.Codec{Unmarshal: func(data []byte, payloadType byte,
 }}
 
 // broadcastMessage sends a chat message to everyone, its sender included,
-// unless the room dropped the sender while the message was being read.
+// and keeps it for newcomers, unless the room dropped the sender while the
+// message was being read.
 func (r *room) broadcastMessage(from *client, text string) {
-	ev := encode(event{Type: "msg", UID: from.uid, Msg: text}) // outside the lock: up to 4 KB
 	r.mu.Lock()
 	defer r.mu.Unlock()
-	if r.clients[from] {
-		r.broadcastLocked(ev, nil)
+	if !r.clients[from] {
+		return
 	}
+	r.lastMsgID++
+	ev := encode(event{Type: "msg", ID: r.lastMsgID, UID: from.uid, Msg: text})
+	if r.history = append(r.history, ev); len(r.history) > historySize {
+		r.history = r.history[1:]
+	}
+	r.broadcastLocked(ev, nil)
 }
 
 // broadcastLocked queues ev for every client but skip. Holding r.mu while ev

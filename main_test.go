@@ -74,7 +74,7 @@ type testClient struct {
 	t       testing.TB
 	name    string
 	conn    *websocket.Conn
-	pending []event // the rest of the last frame read
+	pending []string // the rest of the last frame read, one event per line
 }
 
 func dial(t testing.TB, srv *httptest.Server, name string) *testClient {
@@ -103,28 +103,35 @@ func joinRoom(t testing.TB, srv *httptest.Server, names ...string) []*testClient
 	return users
 }
 
-// read returns the next event, waiting at most 5 s. It checks the frame
-// format on the way: one JSON object per line, no empty lines.
+// read returns the next event, waiting at most 5 s. It checks the format on
+// the way: one JSON object per line, with no field the protocol lacks.
 func (tc *testClient) read() (event, error) {
+	line, err := tc.readLine()
+	if err != nil {
+		return event{}, err
+	}
+	var ev event
+	dec := json.NewDecoder(strings.NewReader(line))
+	dec.DisallowUnknownFields()
+	if err := dec.Decode(&ev); err != nil {
+		return event{}, fmt.Errorf("%s: bad line %q: %v", tc.name, line, err)
+	}
+	return ev, nil
+}
+
+// readLine returns the next event as the bytes that came.
+func (tc *testClient) readLine() (string, error) {
 	if len(tc.pending) == 0 {
 		tc.conn.SetReadDeadline(time.Now().Add(5 * time.Second))
 		var frame string
 		if err := websocket.Message.Receive(tc.conn, &frame); err != nil {
-			return event{}, fmt.Errorf("%s: reading: %w", tc.name, err)
+			return "", fmt.Errorf("%s: reading: %w", tc.name, err)
 		}
-		for _, line := range strings.Split(frame, "\n") {
-			var ev event
-			dec := json.NewDecoder(strings.NewReader(line))
-			dec.DisallowUnknownFields()
-			if err := dec.Decode(&ev); err != nil {
-				return event{}, fmt.Errorf("%s: bad line %q in frame %q: %v", tc.name, line, frame, err)
-			}
-			tc.pending = append(tc.pending, ev)
-		}
+		tc.pending = strings.Split(frame, "\n")
 	}
-	ev := tc.pending[0]
+	line := tc.pending[0]
 	tc.pending = tc.pending[1:]
-	return ev, nil
+	return line, nil
 }
 
 // expect reads the next event and fails unless it is want.
@@ -134,7 +141,7 @@ func (tc *testClient) expect(want event) {
 	if err != nil {
 		tc.t.Fatal(err)
 	}
-	if got != want {
+	if !got.is(want) {
 		tc.t.Fatalf("%s got %+v, want %+v", tc.name, got, want)
 	}
 	tc.t.Logf("%s received %s", tc.name, short(strings.TrimSpace(string(encode(got)))))
@@ -164,6 +171,18 @@ func (tc *testClient) expectClosed() {
 		tc.t.Fatalf("%s: want the connection closed, got %+v", tc.name, ev)
 	}
 	tc.t.Logf("%s: connection closed by the server (%v)", tc.name, err)
+}
+
+// is reports whether ev is want. A want with no message id or run matches
+// any: the stories that care name them.
+func (ev event) is(want event) bool {
+	if want.ID == 0 {
+		ev.ID = 0
+	}
+	if want.Run == "" {
+		ev.Run = ""
+	}
+	return ev == want
 }
 
 func hello(uid, online int) event { return event{Type: "hello", UID: uid, Online: online} }
@@ -780,6 +799,120 @@ func TestPingingWithoutReadingIsHarmless(t *testing.T) {
 
 // ---- Delivery guarantees ----
 
+// A newcomer is sent what was said before it came: hello says how many
+// messages follow it, and they are the bytes everyone received, oldest
+// first. Joins and leaves are not kept. Then the newcomer is live.
+func TestNewcomerIsSentTheHistory(t *testing.T) {
+	_, srv := startServer(t, nil)
+	users := joinRoom(t, srv, "alice", "bob")
+	alice, bob := users[0], users[1]
+	var heard []string
+	for i, text := range []string{"one", "two", "three"} {
+		bob.say(text)
+		line, err := alice.readLine()
+		if err != nil || line != fmt.Sprintf(`{"type":"msg","id":%d,"uid":2,"msg":%q}`, i+1, text) {
+			t.Fatalf("alice got %q (%v)", line, err)
+		}
+		heard = append(heard, line)
+	}
+	t.Log("bob leaves; carol comes")
+	bob.conn.Close()
+	alice.expect(leave(2, 1))
+	carol := dial(t, srv, "carol")
+	carol.expect(event{Type: "hello", UID: 3, Online: 2, History: 3})
+	for _, want := range heard {
+		if line, err := carol.readLine(); err != nil || line != want {
+			t.Fatalf("carol got %q (%v), want %q, as alice had it", line, err, want)
+		}
+	}
+	t.Logf("carol received the 3 messages byte for byte, and no join or leave")
+	alice.expect(join(3, 2))
+	alice.say("now live")
+	carol.expect(msg(1, "now live"))
+}
+
+// hello's run is the same for everyone in one run of the server, and new
+// after a restart: a page that reconnects can tell that its old user ids and
+// message ids now mean others.
+func TestRunChangesWhenTheServerRestarts(t *testing.T) {
+	runOf := func(srv *httptest.Server, name string) string {
+		ev, err := dial(t, srv, name).read()
+		if err != nil || ev.Type != "hello" || ev.Run == "" {
+			t.Fatalf("%s: hello %+v, %v", name, ev, err)
+		}
+		return ev.Run
+	}
+	_, first := startServer(t, nil)
+	_, restarted := startServer(t, nil)
+	alice, bob, carol := runOf(first, "alice"), runOf(first, "bob"), runOf(restarted, "carol")
+	if alice != bob || alice == carol {
+		t.Fatalf("runs: alice %q, bob %q on the same server; carol %q after a restart", alice, bob, carol)
+	}
+	t.Logf("one server: run %s for alice and bob; after a restart, %s", alice, carol)
+}
+
+// The room keeps its last historySize messages, and no more.
+func TestHistoryKeepsTheLast100(t *testing.T) {
+	_, srv := startServer(t, func(r *room) { r.floodInterval = 0 })
+	alice := joinRoom(t, srv, "alice")[0]
+	for i := range 123 {
+		alice.say(fmt.Sprint(i))
+		alice.expect(event{Type: "msg", ID: i + 1, UID: 1, Msg: fmt.Sprint(i)})
+	}
+	bob := dial(t, srv, "bob")
+	bob.expect(event{Type: "hello", UID: 2, Online: 2, History: 100})
+	for i := 23; i < 123; i++ {
+		bob.expect(event{Type: "msg", ID: i + 1, UID: 1, Msg: fmt.Sprint(i)})
+	}
+}
+
+// A newcomer who joins while someone is talking hears every message once,
+// in order: the history and then the live ones, nothing missing between.
+func TestJoiningMidConversationMissesNothing(t *testing.T) {
+	const total = 1000
+	_, srv := startServer(t, func(r *room) { r.floodBurst, r.floodInterval = 1, time.Millisecond })
+	alice := joinRoom(t, srv, "alice")[0]
+	t.Logf("alice sends the numbers 0 to %d; bob joins while she does", total-1)
+	sent := make(chan error, 1)
+	go func() {
+		for i := range total {
+			if err := websocket.Message.Send(alice.conn, fmt.Sprint(i)); err != nil {
+				sent <- err
+				return
+			}
+		}
+		sent <- nil
+	}()
+	for i := range 50 {
+		alice.expect(msg(1, fmt.Sprint(i)))
+	}
+	bob := dial(t, srv, "bob")
+	hello, err := bob.read()
+	if err != nil || hello.Type != "hello" {
+		t.Fatalf("bob: %+v %v", hello, err)
+	}
+	first, next := -1, -1
+	for next != total-1 {
+		ev, err := bob.read()
+		if err != nil {
+			t.Fatal(err)
+		}
+		n, _ := strconv.Atoi(ev.Msg)
+		if first == -1 {
+			first = n
+		}
+		if ev.Type != "msg" || (next != -1 && n != next+1) || (hello.History < historySize && first != 0) {
+			t.Fatalf("bob got %+v after %d (history %d from %d)", ev, next, hello.History, first)
+		}
+		next = n
+	}
+	if err := <-sent; err != nil {
+		t.Fatal(err)
+	}
+	t.Logf("bob heard %d to %d as history, then %d to %d live: every number once, in order",
+		first, first+hello.History-1, first+hello.History, total-1)
+}
+
 // A client that fell behind catches up on every event, in order, in frames
 // of at most maxFrameBytes, or of one event that alone is larger: clients cap
 // what they read in one frame (coder/websocket at 32 KiB, Python's websockets
@@ -880,7 +1013,10 @@ func TestSameOrderEverywhere(t *testing.T) {
 		}
 	}
 	next := make(map[int]int) // each sender's messages arrive in the order sent
-	for _, ev := range received[0] {
+	for i, ev := range received[0] {
+		if ev.ID != i+1 {
+			t.Fatalf("message %d has id %d: ids must count 1, 2, 3… in the order everyone sees", i+1, ev.ID)
+		}
 		if ev.Type != "msg" || ev.Msg != fmt.Sprint(next[ev.UID]) {
 			t.Fatalf("from user %d: got %+v, want message %d", ev.UID, ev, next[ev.UID])
 		}
@@ -929,7 +1065,7 @@ func TestSlowClientIsDisconnectedWithoutDelayingOthers(t *testing.T) {
 					if err != nil {
 						t.Fatal(err)
 					}
-					if ev == leave(2, 1) {
+					if ev.is(leave(2, 1)) {
 						t.Logf("alice received %s after %d of her messages", strings.TrimSpace(string(encode(ev))), n)
 						gone = true
 						continue
@@ -1015,7 +1151,7 @@ func TestNoGoroutineIsLeftBehind(t *testing.T) {
 	}
 	users[0].say("bye")
 	for _, u := range users {
-		for ev, err := u.read(); ev != msg(1, "bye"); ev, err = u.read() {
+		for ev, err := u.read(); !ev.is(msg(1, "bye")); ev, err = u.read() {
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -1093,10 +1229,10 @@ func TestFloodIsThrottledNotDropped(t *testing.T) {
 		switch {
 		case err != nil:
 			t.Fatal(err)
-		case ev == msg(2, word):
+		case ev.is(msg(2, word)):
 			heardAfter = time.Since(saidAt)
 			t.Logf("alice's message came back after %v, with %d of the flood still to come", heardAfter.Round(time.Millisecond), total-i)
-		case ev == msg(1, fmt.Sprint(i)):
+		case ev.is(msg(1, fmt.Sprint(i))):
 			i++
 			if i == burst+10 {
 				alice.say(word)
@@ -1123,9 +1259,9 @@ func TestFloodIsThrottledNotDropped(t *testing.T) {
 		if err != nil {
 			t.Fatalf("the flooder lost its connection: %v", err)
 		}
-		if ev == msg(1, fmt.Sprint(i)) {
+		if ev.is(msg(1, fmt.Sprint(i))) {
 			i++
-		} else if ev != msg(2, word) {
+		} else if !ev.is(msg(2, word)) {
 			t.Fatalf("the flooder got %+v, want its message %d", ev, i)
 		}
 	}
