@@ -1,9 +1,8 @@
 // Command wschat is a chat room for everyone on your network, in one file.
-//
-// The file reads in the order data flows: connect, join, read loop,
-// broadcast, writer, drop. Each connection has two goroutines: serveClient
-// reads from it, and the client's writer writes to it. A broadcast only
-// appends to every client's queue, so one slow client cannot stall the room.
+// It reads in the order data flows: connect, join, read, broadcast, write,
+// drop. Each connection has two goroutines, serveClient reading and the
+// client's writer writing; a broadcast only appends to every client's queue,
+// so one slow client cannot stall the room.
 package main
 
 import (
@@ -36,16 +35,16 @@ var indexHTML []byte
 
 const (
 	maxMessageBytes = 4096        // a larger frame closes the sender's connection
-	maxFrameBytes   = 16 << 10    // events share a frame up to this size; a larger one travels alone
-	historySize     = 100         // chat messages a newcomer is sent from before it came
-	closeGrace      = time.Second // a dropped client's last write and close frame must be done by then
-	watchEvery      = time.Second // how often the room looks at every writer (watchWriters)
+	maxFrameBytes   = 16 << 10    // events share a frame up to this size; a larger one goes alone
+	historySize     = 100         // messages kept for newcomers
+	closeGrace      = time.Second // after a drop, for the last write and the close frame
+	watchEvery      = time.Second // how often the room's clock looks at every writer
 )
 
 // limits are a room's rules; tests lower them on their own room.
 type limits struct {
-	queueLimit    int           // events waiting for one client before it is too slow
-	writeTimeout  time.Duration // a write blocked this long: the client is stuck or gone
+	queueLimit    int           // events waiting for one client; one more and it is too slow
+	writeTimeout  time.Duration // a write blocked this long: the client is too slow, or gone
 	pingInterval  time.Duration // nothing written to a client for this long: ping it
 	floodBurst    int           // messages a client may send at once...
 	floodInterval time.Duration // ...and then one per interval
@@ -58,12 +57,7 @@ func main() {
 	addr := flag.String("addr", ":8080", "`host:port` to listen on; :0 picks a free port")
 	hosts := flag.String("host", "", "other `names` of this server, comma-separated, for the chat to accept")
 	flag.Parse()
-	// Keep-alive notices a peer that vanished (Wi-Fi gone, lid shut) in a
-	// quiet room: after 30 s of silence, 3 probes 10 s apart.
-	lc := net.ListenConfig{KeepAliveConfig: net.KeepAliveConfig{
-		Enable: true, Idle: 30 * time.Second, Interval: 10 * time.Second, Count: 3,
-	}}
-	ln, err := lc.Listen(context.Background(), "tcp", *addr)
+	ln, err := net.Listen("tcp", *addr)
 	if err != nil {
 		fmt.Fprintln(os.Stderr, "wschat:", err)
 		os.Exit(1)
@@ -79,9 +73,7 @@ func main() {
 		log.Fatal(err) // the listener failed: nobody else can connect
 	}
 	log.Print("shutting down")
-	// x/net hijacked each WebSocket from net/http, so srv.Close does not touch
-	// them: the room closes them, and main waits, or clients see a bare EOF.
-	r.shutdown()
+	r.shutdown() // srv.Close leaves the WebSockets, which x/net took over, to us
 }
 
 // printURLs says where to point a browser: this machine, then one address per
@@ -109,13 +101,12 @@ type event struct {
 	Online  int    `json:"online,omitempty"`
 	Msg     string `json:"msg,omitempty"`
 	Run     string `json:"run,omitempty"`     // hello: new each time the server starts
-	History int    `json:"history,omitempty"` // hello: this many msg events follow it
+	History int    `json:"history,omitempty"` // hello: this many msg events follow
 }
 
 // encode makes an event one line of JSON, ending in the newline that
-// separates events in a frame. It does not escape HTML (json.Marshal writes <
-// as \u003c, six bytes): the page shows messages as text, never as HTML.
-// Invalid UTF-8 becomes U+FFFD, so the line is always valid JSON.
+// separates events in a frame. HTML is not escaped (< would take 6 bytes):
+// the page shows text, never HTML. Invalid UTF-8 becomes U+FFFD.
 func encode(ev event) []byte {
 	var line bytes.Buffer
 	enc := json.NewEncoder(&line)
@@ -125,26 +116,25 @@ func encode(ev event) []byte {
 }
 
 // A room is the set of connected clients. The lock rule: r.mu guards the
-// fields below it, and so who is in the room; a client's mu guards its queue.
-// Whoever needs both takes r.mu first, never the other way round, so they
-// cannot deadlock. A writer takes only its client's lock to take its batch,
-// so a broadcast never holds it up. No lock is held across a network write or
-// a log line: either can block.
+// fields below it, and each client's leftBecause; c.mu guards the fields below
+// it. Whoever needs both takes r.mu first, so they cannot deadlock. No lock is
+// held across a network write or a log line: either can block.
 type room struct {
-	limits // queueLimit, writeTimeout, floodBurst, floodInterval
-	logf   func(format string, args ...any)
-	hosts  map[string]bool // names the chat answers to, besides IP addresses
-	run    string          // tells a page that reconnects whether the server restarted
+	limits
+	logf  func(format string, args ...any)
+	hosts map[string]bool // names the chat answers to, besides IP addresses
+	run   string          // lets a page that reconnects tell that the server restarted
 
 	mu        sync.Mutex
-	clients   map[*client]bool
-	lastUID   int            // user ids count up and are never reused
-	lastMsgID int            // and so do message ids
-	history   [][]byte       // the last historySize msg events, oldest first
-	closing   bool           // shutting down: nobody may join
-	conns     sync.WaitGroup // counts joined connections until they are closed
+	clients   map[*client]bool // who is in the room
+	lastUID   int              // user ids count up and are never reused
+	lastMsgID int              // message ids too
+	history   [][]byte         // the last historySize msg events, oldest first
+	closing   bool             // shutting down: nobody may join
+	conns     sync.WaitGroup   // joined connections not yet closed (needs no lock)
 }
 
+// newRoom makes a room that answers to these names too, and starts its clock.
 func newRoom(names ...string) *room {
 	r := &room{limits: defaultLimits, logf: log.Printf, run: rand.Text(), clients: make(map[*client]bool)}
 	hostname, _ := os.Hostname()
@@ -155,22 +145,22 @@ func newRoom(names ...string) *room {
 			r.hosts[strings.ToLower(name)] = true
 		}
 	}
-	go r.watchWriters() // until shutdown
+	go r.watchWriters() // ends at shutdown
 	return r
 }
 
-// A client is one connection: serveClient reads, the writer writes.
+// A client is one connection.
 type client struct {
 	uid         int
 	conn        *websocket.Conn
-	wake        chan struct{} // one slot: "your queue has something"; closed when dropped
-	leftBecause string        // set once, when the room drops the client; guarded by r.mu
+	wake        chan struct{} // one slot: "there is something to send"; closed by the drop
+	leftBecause string        // guarded by the room's mu; set by the drop
 
-	mu        sync.Mutex // guards the fields below
-	queue     [][]byte   // encoded events the writer has not taken yet
-	pingDue   bool       // the room's clock asks the writer for a ping
-	writing   bool       // the writer is in a write
-	lastWrite time.Time  // when the writer's latest write began
+	mu        sync.Mutex
+	queue     [][]byte  // encoded events the writer has not taken yet
+	pingDue   bool      // the room's clock asks the writer for a ping
+	writing   bool      // a write began, and the writer has not come back for more
+	lastWrite time.Time // when the latest write began
 }
 
 // routes serves the page and the chat. ServeMux answers 404 and 405.
@@ -185,14 +175,14 @@ func (r *room) routes() http.Handler {
 	return mux
 }
 
-// checkHandshake declines every subprotocol a client offers (x/net would
-// echo one back, and refuse two), and refuses another site's page, which could otherwise chat in a
-// visitor's name from inside their network. Host must be an IP address or one
-// of our names: a site whose DNS name is re-pointed at this server (DNS
-// rebinding) sends an Origin that matches its Host. And Origin must name this
-// server's Host; no Origin means a command-line client.
+// checkHandshake sees each upgrade request before x/net answers it. It
+// declines every subprotocol (x/net would echo one offer back, and refuse
+// two): we speak none. And it refuses another site's page, which could chat
+// in a visitor's name from inside their network. Origin, if sent, must name
+// the request's Host; but a site that points its own name at this server (DNS
+// rebinding) passes that, so Host must be an IP address or one of our names.
 func (r *room) checkHandshake(config *websocket.Config, req *http.Request) error {
-	config.Protocol = nil // we speak only our own protocol, so we name none
+	config.Protocol = nil
 	host, _, err := net.SplitHostPort(req.Host)
 	if err != nil {
 		host = req.Host // no port
@@ -202,17 +192,16 @@ func (r *room) checkHandshake(config *websocket.Config, req *http.Request) error
 		return fmt.Errorf("host %q is not this server", req.Host)
 	}
 	origin := req.Header.Get("Origin")
-	if origin == "" {
-		return nil
-	}
-	if u, err := url.Parse(origin); err != nil || !strings.EqualFold(u.Host, req.Host) {
+	if u, err := url.Parse(origin); origin != "" && (err != nil || !strings.EqualFold(u.Host, req.Host)) {
 		return fmt.Errorf("origin %q may not connect to %q", origin, req.Host)
 	}
 	return nil
 }
 
-// serveClient is one connection's whole life, on net/http's goroutine for it.
-// It starts the client's writer, waits for it to end, and closes conn.
+// serveClient is one connection's whole life. x/net calls it after the
+// handshake, and closes the TCP connection when it returns, so it waits for
+// the writer first. x/net's Close writes a close frame, then closes TCP; it
+// waits for x/net's write lock, and so for any write in progress.
 func (r *room) serveClient(conn *websocket.Conn) {
 	conn.MaxPayloadBytes = maxMessageBytes // x/net's default is 32 MB
 	c, online := r.join(conn)
@@ -227,18 +216,18 @@ func (r *room) serveClient(conn *websocket.Conn) {
 
 	reason := r.readMessages(c)
 	r.mu.Lock()
-	r.dropLocked(c, reason) // a no-op if the room dropped c first
-	reason = c.leftBecause  // whoever gave up first says why
+	r.dropLocked(c, reason) // does nothing if someone dropped c first, and
+	reason = c.leftBecause  // then that one says why
 	r.mu.Unlock()
-	writer.Wait() // dropping ends the writer
-	// x/net's Close writes a close frame, then closes the TCP connection. If
-	// the drop's write deadline has passed (a stuck client), only the latter happens.
-	conn.Close()
+	writer.Wait()
+	conn.Close() // by the drop's deadline, or only TCP is closed
 	r.logf("user %d left: %s", c.uid, reason)
 }
 
-// join gives the connection the next user id, says hello to it and tells
-// everyone else. It returns nil if the server is shutting down.
+// join gives the connection the next user id, queues hello and the history
+// for it, and tells everyone else; or returns nil, if shutting down. The
+// history is queued under the lock every broadcast takes: the live stream
+// starts exactly where it ends.
 func (r *room) join(conn *websocket.Conn) (c *client, online int) {
 	r.mu.Lock()
 	defer r.mu.Unlock()
@@ -250,8 +239,6 @@ func (r *room) join(conn *websocket.Conn) (c *client, online int) {
 	c = &client{uid: r.lastUID, conn: conn, wake: make(chan struct{}, 1), lastWrite: time.Now()}
 	r.clients[c] = true
 	online = len(r.clients)
-	// The history goes into the queue right after hello, under the lock every
-	// broadcast takes: the newcomer's live stream starts where it ends.
 	r.enqueue(c, encode(event{Type: "hello", UID: c.uid, Online: online, Run: r.run, History: len(r.history)}))
 	for _, ev := range r.history {
 		r.enqueue(c, ev)
@@ -260,16 +247,20 @@ func (r *room) join(conn *websocket.Conn) (c *client, online int) {
 	return c, online
 }
 
-// readMessages relays the client's messages until its connection fails, and
-// says why. Flood control is a token bucket kept as one time, nextRead: each
-// frame moves it one interval on, and it never lags more than floodBurst-1
-// intervals behind now. So a quiet client may send 20 frames at once, and the
-// 21st waits 100 ms. Until nextRead we do not read: TCP makes a flooder wait,
-// and nothing is dropped.
+// readMessages relays the client's messages until a read fails, and says
+// why. x/net's Receive returns a frame, not a message (fragments come one by
+// one), and answers pings itself, writing the pong there and then.
+//
+// Flood control: no frame is read before nextRead, and each frame moves it
+// floodInterval on; quiet time lets it fall behind now, by floodBurst-1
+// intervals at most. With the defaults, a quiet client sends 25 frames: 1 to
+// 20 are read at once, as nextRead goes from 1.9 s behind to 0.1 s ahead;
+// 21 waits 100 ms, and each one after it 100 ms more. Meanwhile nothing is
+// read, pings included, so TCP makes the client wait: nothing is dropped.
 func (r *room) readMessages(c *client) (reason string) {
 	var nextRead time.Time
 	for {
-		time.Sleep(time.Until(nextRead)) // at most one interval; none within the limit
+		time.Sleep(time.Until(nextRead)) // at most one interval
 		var text string
 		err := textMessage.Receive(c.conn, &text)
 		earliest := time.Now().Add(-time.Duration(r.floodBurst-1) * r.floodInterval)
@@ -277,12 +268,9 @@ func (r *room) readMessages(c *client) (reason string) {
 			nextRead = earliest
 		}
 		nextRead = nextRead.Add(r.floodInterval)
-		switch {
-		case errors.Is(err, io.EOF):
+		if errors.Is(err, io.EOF) {
 			return "closed the connection"
-		case errors.Is(err, syscall.ETIMEDOUT):
-			return "vanished: no answer to keep-alive probes"
-		case err != nil:
+		} else if err != nil {
 			return err.Error()
 		}
 		if text = strings.TrimSpace(text); text != "" {
@@ -300,9 +288,8 @@ var textMessage = websocket.Codec{Unmarshal: func(data []byte, payloadType byte,
 	return nil
 }}
 
-// broadcastMessage sends a chat message to everyone, its sender included,
-// and keeps it for newcomers, unless the room dropped the sender while the
-// message was being read.
+// broadcastMessage sends a message to everyone, its sender too, and keeps it
+// for newcomers; unless the room dropped the sender during the read.
 func (r *room) broadcastMessage(from *client, text string) {
 	r.mu.Lock()
 	defer r.mu.Unlock()
@@ -318,9 +305,9 @@ func (r *room) broadcastMessage(from *client, text string) {
 }
 
 // broadcastLocked queues ev for every client but skip. Holding r.mu while ev
-// goes into every queue gives everyone the same order. A client whose queue is
-// full is dropped, not skipped, after the loop: a leave queued mid-loop would
-// reach some clients before ev and others after it.
+// goes into every queue gives everyone the same order. A client whose queue
+// is full is dropped after the loop: its leave, queued mid-loop, would reach
+// some clients before ev and others after it.
 func (r *room) broadcastLocked(ev []byte, skip *client) {
 	var tooSlow []*client
 	for c := range r.clients {
@@ -334,7 +321,7 @@ func (r *room) broadcastLocked(ev []byte, skip *client) {
 }
 
 // enqueue queues ev for c and wakes c's writer, or reports false if the queue
-// is full. r.mu must be held: it keeps c in the room, and c.wake open.
+// is full. r.mu must be held: it keeps c in the room, and so c.wake open.
 func (r *room) enqueue(c *client, ev []byte) bool {
 	c.mu.Lock()
 	full := len(c.queue) >= r.queueLimit
@@ -346,41 +333,35 @@ func (r *room) enqueue(c *client, ev []byte) bool {
 	return !full
 }
 
-// wakeWriter fills c.wake's one slot, if it is empty. r.mu must be held: it
-// keeps c.wake open.
+// wakeWriter fills c.wake's slot, unless it is full already. r.mu must be held.
 func (c *client) wakeWriter() {
 	select {
 	case c.wake <- struct{}{}:
-	default: // already woken
+	default:
 	}
 }
 
-// writeQueue is the client's writer. Woken, it sends what is queued, as
-// many events per frame as fit in maxFrameBytes, one per line: one write per
-// frame, not per event. Or it sends the ping the room's clock asked for. It
-// ends when the client is dropped (wake is closed) or a write fails. It sets
-// no deadline: the room's clock cuts a write that blocks too long.
+// writeQueue is the client's writer. Woken, it sends what is queued, as many
+// events per frame as fit in maxFrameBytes, or the ping the room's clock
+// asked for. It ends once the client is dropped (wake is closed) or a write
+// fails. It sets no deadline: the clock notices a write that blocks.
 func (r *room) writeQueue(c *client) {
-	var frame []byte // reused for every frame; the frame cap bounds its size
+	var frame []byte // reused; the frame cap bounds it
 	for range c.wake {
-		// Yield first, so that the broadcasts under way can queue more: in a
-		// burst, fewer and fuller frames (see README, Performance).
+		// Yield, so that broadcasts under way can queue more: in a burst,
+		// fewer and fuller frames (README, Performance).
 		runtime.Gosched()
-		for {
-			var ping bool
-			frame, ping = c.nextWrite(frame[:0])
-			if len(frame) == 0 && !ping {
-				break // all sent: wait for the next wake
-			}
+		for batch, ping := c.nextBatch(); len(batch) > 0 || ping; batch, ping = c.nextBatch() {
 			var err error
 			if ping {
 				err = pingFrame.Send(c.conn, nil)
 			} else {
+				frame = frame[:0]
+				for _, ev := range batch {
+					frame = append(frame, ev...)
+				}
 				_, err = c.conn.Write(frame[:len(frame)-1]) // no newline after the last event
 			}
-			c.mu.Lock()
-			c.writing = false
-			c.mu.Unlock()
 			if err != nil {
 				r.mu.Lock()
 				r.dropLocked(c, "write failed: "+err.Error())
@@ -391,56 +372,51 @@ func (r *room) writeQueue(c *client) {
 	}
 }
 
-// nextWrite appends to frame the queued events that fit in maxFrameBytes, and
-// at least one, however large; the rest stay queued, in order. With nothing
-// queued, it reports the ping the clock asked for, if any. Either way, it
-// notes that a write begins.
-func (c *client) nextWrite(frame []byte) (_ []byte, ping bool) {
+// nextBatch takes the queued events that fit in maxFrameBytes, at least one
+// however large; the rest stay queued, in order. With none, it reports the
+// ping the clock asked for. It notes whether a write now begins.
+func (c *client) nextBatch() (batch [][]byte, ping bool) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	n := 0
-	for n < len(c.queue) && (n == 0 || len(frame)+len(c.queue[n]) <= maxFrameBytes) {
-		frame = append(frame, c.queue[n]...)
+	n, size := 0, 0
+	for n < len(c.queue) && (n == 0 || size+len(c.queue[n]) <= maxFrameBytes) {
+		size += len(c.queue[n])
 		n++
 	}
-	if c.queue = c.queue[n:]; len(c.queue) == 0 {
-		c.queue = nil // let the memory of the events sent go
+	if batch, c.queue = c.queue[:n], c.queue[n:]; len(c.queue) == 0 {
+		c.queue = nil // so the memory of the events sent can go
 	}
 	ping = n == 0 && c.pingDue
 	c.pingDue = false
 	if c.writing = n > 0 || ping; c.writing {
 		c.lastWrite = time.Now()
 	}
-	return frame, ping
+	return batch, ping
 }
 
-// pingFrame sends a ping. x/net has no call for it, but a Codec may choose
-// the frame type. x/net reads the client's pong, and drops it, inside Receive.
+// pingFrame sends a ping: x/net has no call for it, but a Codec may choose
+// the frame type. Receive reads the pong, and drops it.
 var pingFrame = websocket.Codec{Marshal: func(any) ([]byte, byte, error) {
 	return nil, websocket.PingFrame, nil
 }}
 
-// watchWriters is the room's clock: every watchEvery until shutdown, it
-// checks on every writer.
+// watchWriters is the room's clock, ticking until shutdown.
 func (r *room) watchWriters() {
-	tick := time.NewTicker(watchEvery)
-	defer tick.Stop()
-	for now := range tick.C {
-		r.mu.Lock()
-		if r.closing {
-			r.mu.Unlock()
+	for now := range time.Tick(watchEvery) {
+		if !r.checkWriters(now) {
 			return
 		}
-		r.checkWritersLocked(now)
-		r.mu.Unlock()
 	}
 }
 
-// checkWritersLocked drops every client whose writer has been in one write
-// for writeTimeout: its socket is full, so it reads nothing, or it is gone.
-// And it asks for a ping where nothing was written for pingInterval, so that
-// a proxy does not cut a quiet connection as idle.
-func (r *room) checkWritersLocked(now time.Time) {
+// checkWriters drops every client whose writer has been in one write for
+// writeTimeout: it reads nothing, so its socket is full, or it is gone. And it
+// asks for a ping where nothing was written for pingInterval, so that a proxy
+// in between does not cut the quiet connection. It reports false once the
+// room is shutting down.
+func (r *room) checkWriters(now time.Time) bool {
+	r.mu.Lock()
+	defer r.mu.Unlock()
 	var stuck []*client
 	for c := range r.clients {
 		c.mu.Lock()
@@ -453,37 +429,36 @@ func (r *room) checkWritersLocked(now time.Time) {
 		}
 		c.mu.Unlock()
 	}
-	for _, c := range stuck { // not above: dropLocked takes every client's lock
+	for _, c := range stuck { // not in the loop: a drop takes every client's lock
 		r.dropLocked(c, fmt.Sprintf("too slow: a write blocked for %v", r.writeTimeout))
 	}
+	return !r.closing
 }
 
-// dropLocked takes c out of the room, once, and tells everyone left, whoever
-// gives up first: the client, its writer, a broadcast, the clock or shutdown.
-// It reaches c's goroutines through deadlines, not Close, which would wait
-// for x/net's write lock while a write blocks: a read deadline of now wakes
-// serveClient; the write in progress, if any, and then the close frame must
-// be done within closeGrace; closing wake ends the writer.
+// dropLocked takes c out of the room and tells everyone left. Whoever gives
+// up on c first calls it: serveClient (the client left, or broke a rule), the
+// writer (a write failed), broadcastLocked (a full queue), the clock (a
+// blocked write) or shutdown; later calls do nothing. Its leave may find
+// other queues full, and so drop more clients. It cannot Close c.conn, which
+// would wait for a blocked write; it sets the connection's only deadlines:
+// the read deadline, now, ends Receive, and all that is still written (the
+// write in progress, a pong, the close frame) must be done in closeGrace.
 func (r *room) dropLocked(c *client, reason string) {
 	if !r.clients[c] {
 		return
 	}
 	delete(r.clients, c)
 	c.leftBecause = reason
-	c.mu.Lock()
-	c.queue, c.pingDue = nil, false // the writer sends nothing more
-	c.mu.Unlock()
 	c.conn.SetReadDeadline(time.Now())
 	c.conn.SetWriteDeadline(time.Now().Add(closeGrace))
-	close(c.wake)
+	close(c.wake) // ends the writer
 	if !r.closing {
 		r.broadcastLocked(encode(event{Type: "leave", UID: c.uid, Online: len(r.clients)}), nil)
 	}
 }
 
-// shutdown drops everyone and returns once every connection is closed: a
-// writer still stuck after closeGrace has only its TCP connection closed, and
-// a reader paused by flood control wakes within one interval.
+// shutdown drops everyone, with no leave, and returns once every connection
+// is closed: within closeGrace, or one flood interval for a paused reader.
 func (r *room) shutdown() {
 	r.mu.Lock()
 	r.closing = true

@@ -11,7 +11,6 @@ import (
 	"bufio"
 	"bytes"
 	"encoding/json"
-	"errors"
 	"fmt"
 	"io"
 	"net"
@@ -20,7 +19,6 @@ import (
 	"os"
 	"os/exec"
 	"runtime"
-	"runtime/debug"
 	"slices"
 	"strconv"
 	"strings"
@@ -226,6 +224,19 @@ func rawHandshake(t testing.TB, addr, host, origin string, headers ...string) (*
 		t.Fatal(err)
 	}
 	return resp, conn, br
+}
+
+// rawJoin joins the room through rawHandshake, and reads the hello.
+func rawJoin(t testing.TB, addr string) (net.Conn, *bufio.Reader) {
+	t.Helper()
+	resp, conn, br := rawHandshake(t, addr, "", "")
+	if resp.StatusCode != http.StatusSwitchingProtocols {
+		t.Fatal(resp.Status)
+	}
+	if _, hello, err := readRawFrame(br); err != nil || !strings.Contains(string(hello), `"hello"`) {
+		t.Fatalf("no hello: %q %v", hello, err)
+	}
+	return conn, br
 }
 
 // clientFrame is one short masked frame, as a browser sends it.
@@ -612,63 +623,26 @@ func TestTextIsRelayedVerbatim(t *testing.T) {
 	t.Logf("bob received %s", frame)
 }
 
-func TestOversizedFrameClosesOnlyItsSender(t *testing.T) {
-	_, srv := startServer(t, nil)
-	users := joinRoom(t, srv, "alice", "mallory")
-	alice, mallory := users[0], users[1]
-
+// A frame the server will not relay, too large or binary, closes only its
+// sender's connection.
+func TestBadFrameClosesOnlyItsSender(t *testing.T) {
 	exactly := strings.Repeat("x", maxMessageBytes)
-	mallory.say(exactly) // at the limit: fine
-	alice.expect(msg(2, exactly))
-	mallory.expect(msg(2, exactly))
-
-	// The server closes the connection without reading the frame's payload,
-	// so mallory's own write may already fail with a reset.
-	t.Logf("mallory sends %d bytes", len(exactly)+1)
-	websocket.Message.Send(mallory.conn, exactly+"y")
-	mallory.expectClosed()
-	alice.expect(leave(2, 1))
-
-	alice.say("still here")
-	alice.expect(msg(1, "still here"))
-}
-
-func TestBinaryFrameClosesOnlyItsSender(t *testing.T) {
-	_, srv := startServer(t, nil)
-	users := joinRoom(t, srv, "alice", "bot")
-	alice, bot := users[0], users[1]
-
-	if err := websocket.Message.Send(bot.conn, []byte{0, 1, 2}); err != nil {
-		t.Fatal(err)
+	for _, bad := range []any{exactly + "y", []byte{0, 1, 2}} {
+		_, srv := startServer(t, nil)
+		users := joinRoom(t, srv, "alice", "mallory")
+		alice, mallory := users[0], users[1]
+		mallory.say(exactly) // at the limit: fine
+		alice.expect(msg(2, exactly))
+		mallory.expect(msg(2, exactly))
+		// The server closes without reading an oversized frame's payload, so
+		// mallory's own write may already fail with a reset.
+		t.Logf("mallory sends %s", short(fmt.Sprintf("%q", bad)))
+		websocket.Message.Send(mallory.conn, bad)
+		mallory.expectClosed()
+		alice.expect(leave(2, 1))
+		alice.say("still here")
+		alice.expect(msg(1, "still here"))
 	}
-	bot.expectClosed()
-	alice.expect(leave(2, 1))
-}
-
-// x/net answers a ping inside the read loop, with whatever write deadline the
-// connection has then: a ping long after the last message must still get its
-// pong, and the client must stay.
-func TestPingIsAnsweredAfterAQuietSpell(t *testing.T) {
-	_, srv := startServer(t, func(r *room) { r.writeTimeout = 100 * time.Millisecond })
-	resp, conn, br := rawHandshake(t, srv.Listener.Addr().String(), "", "")
-	if resp.StatusCode != http.StatusSwitchingProtocols {
-		t.Fatal(resp.Status)
-	}
-	if _, hello, err := readRawFrame(br); err != nil || !strings.Contains(string(hello), `"hello"`) {
-		t.Fatalf("no hello: %q %v", hello, err)
-	}
-	quietUntil := time.Now().Add(3 * 100 * time.Millisecond) // well past the hello's write deadline
-	waitFor(t, "a quiet spell", func() bool { return time.Now().After(quietUntil) })
-
-	conn.Write(clientFrame(websocket.PingFrame, "are you there?"))
-	if opcode, payload, err := readRawFrame(br); err != nil || opcode != websocket.PongFrame || string(payload) != "are you there?" {
-		t.Fatalf("after a quiet spell, a ping got opcode %d %q (%v), want its pong", opcode, payload, err)
-	}
-	conn.Write(clientFrame(websocket.TextFrame, "still here"))
-	if _, payload, err := readRawFrame(br); err != nil || !strings.Contains(string(payload), `"msg":"still here"`) {
-		t.Fatalf("after the pong: %q %v", payload, err)
-	}
-	t.Log("the ping got its pong, and the client is still in the room")
 }
 
 // The server speaks no subprotocol, so it names none, whatever a client
@@ -688,24 +662,14 @@ func TestEverySubprotocolIsDeclined(t *testing.T) {
 	}
 }
 
-// After pingInterval with nothing written to it, a client gets a ping, so
-// that a proxy between it and the server does not cut the quiet connection.
-// The test runs the room's clock by hand, at made-up times.
-func TestQuietClientIsPinged(t *testing.T) {
-	r, srv := startServer(t, nil)
-	resp, conn, br := rawHandshake(t, srv.Listener.Addr().String(), "", "")
-	if resp.StatusCode != http.StatusSwitchingProtocols {
-		t.Fatal(resp.Status)
-	}
-	if _, hello, err := readRawFrame(br); err != nil || !strings.Contains(string(hello), `"hello"`) {
-		t.Fatalf("no hello: %q %v", hello, err)
-	}
-	clockAt := func(later time.Duration) {
-		t.Logf("the room's clock, %v from now", later)
-		r.mu.Lock()
-		r.checkWritersLocked(time.Now().Add(later))
-		r.mu.Unlock()
-	}
+// x/net answers a client's ping inside Receive, under whatever write
+// deadline the connection has: one long after the last write must get its
+// pong. And the server pings a client it has written nothing to for
+// pingInterval, so that a proxy in between does not cut the quiet connection;
+// a write resets that. The test runs the room's clock by hand, at made-up times.
+func TestPings(t *testing.T) {
+	r, srv := startServer(t, func(r *room) { r.writeTimeout = 100 * time.Millisecond })
+	conn, br := rawJoin(t, srv.Listener.Addr().String())
 	expectFrame := func(opcode byte, contains string) {
 		t.Helper()
 		got, payload, err := readRawFrame(br)
@@ -713,29 +677,36 @@ func TestQuietClientIsPinged(t *testing.T) {
 			t.Fatalf("got opcode %d %q (%v), want opcode %d with %q", got, payload, err, opcode, contains)
 		}
 	}
+	say := func(text string) {
+		t.Helper()
+		conn.Write(clientFrame(websocket.TextFrame, text))
+		expectFrame(websocket.TextFrame, `"msg":"`+text+`"`)
+	}
+	say("hi")
+	quietUntil := time.Now().Add(3 * r.writeTimeout) // past any deadline a write might leave
+	waitFor(t, "a quiet spell", func() bool { return time.Now().After(quietUntil) })
+	conn.Write(clientFrame(websocket.PingFrame, "are you there?"))
+	expectFrame(websocket.PongFrame, "are you there?")
+	t.Log("after a quiet spell, the client's ping got its pong")
 
-	clockAt(r.pingInterval)
+	r.checkWriters(time.Now().Add(r.pingInterval))
 	expectFrame(websocket.PingFrame, "")
-	t.Log("a ping, which the client does not answer")
-	conn.Write(clientFrame(websocket.TextFrame, "still here"))
-	expectFrame(websocket.TextFrame, `"msg":"still here"`)
+	t.Log("the room's clock, a ping interval on: a ping, which the client ignores")
+	say("still here")
 
-	t.Log("as if that message had been the first write for 20 s: the clock 15 s after it")
-	onServer := r.serverSide(1)
-	onServer.mu.Lock()
-	onServer.lastWrite = onServer.lastWrite.Add(-20 * time.Second)
-	onServer.mu.Unlock()
-	conn.Write(clientFrame(websocket.TextFrame, "and again"))
-	expectFrame(websocket.TextFrame, `"msg":"and again"`)
-	clockAt(15 * time.Second)
-	onServer.mu.Lock()
-	pingDue := onServer.pingDue
-	onServer.mu.Unlock()
-	conn.Write(clientFrame(websocket.TextFrame, "no ping"))
-	if expectFrame(websocket.TextFrame, `"msg":"no ping"`); pingDue {
+	t.Log("as if the last write were 20 s old; then a message, and the clock 15 s on")
+	c := r.serverSide(1)
+	c.mu.Lock()
+	c.lastWrite = c.lastWrite.Add(-20 * time.Second)
+	c.mu.Unlock()
+	say("and again")
+	r.checkWriters(time.Now().Add(15 * time.Second))
+	c.mu.Lock()
+	pingDue := c.pingDue
+	c.mu.Unlock()
+	if say("no ping"); pingDue {
 		t.Fatal("a ping was asked for 15 s after a write")
 	}
-	t.Log("no ping: the client heard something 15 s ago")
 }
 
 // A client that floods pings and reads nothing piles up pongs, which the
@@ -746,10 +717,7 @@ func TestPingingWithoutReadingIsHarmless(t *testing.T) {
 	logs := &logRecorder{t: t}
 	r, srv := startServer(t, func(r *room) { r.floodInterval, r.logf = 0, logs.logf })
 	alice := joinRoom(t, srv, "alice")[0]
-	resp, pinger, _ := rawHandshake(t, srv.Listener.Addr().String(), "", "")
-	if resp.StatusCode != http.StatusSwitchingProtocols {
-		t.Fatal(resp.Status)
-	}
+	pinger, _ := rawJoin(t, srv.Listener.Addr().String())
 	alice.expect(join(2, 2))
 	pinger.(*net.TCPConn).SetReadBuffer(4096) // a few pongs fill it
 	t.Log("the pinger sends pings, 125 bytes each, and reads nothing; alice chats")
@@ -788,9 +756,7 @@ func TestPingingWithoutReadingIsHarmless(t *testing.T) {
 		alice.expect(msg(1, "and "+fmt.Sprint(i)))
 	}
 	t.Log("a write to the pinger is in progress; the room's clock comes round writeTimeout later")
-	r.mu.Lock()
-	r.checkWritersLocked(time.Now().Add(r.writeTimeout))
-	r.mu.Unlock()
+	r.checkWriters(time.Now().Add(r.writeTimeout))
 	alice.expect(leave(2, 1))
 	waitFor(t, "the pinger's read loop to end", func() bool { return logs.contains("user 2 left: too slow: a write blocked") })
 	alice.say("still here")
@@ -941,7 +907,7 @@ func TestCatchingUpComesInCappedFrames(t *testing.T) {
 			t.Fatalf("sleepy, at message %d of %d: %v", next, sent, err)
 		}
 		lines := strings.Split(frame, "\n")
-		if len(frame) > maxFrameBytes && len(lines) > 1 {
+		if len(frame) > 16<<10 && len(lines) > 1 { // the protocol's promise, whatever main.go says
 			t.Fatalf("a frame of %d bytes with %d events", len(frame), len(lines))
 		}
 		largest = max(largest, len(frame))
@@ -1083,6 +1049,48 @@ func TestSlowClientIsDisconnectedWithoutDelayingOthers(t *testing.T) {
 	}
 }
 
+// A client whose queue is full is dropped after the broadcast that found it
+// so, and its leave lands at the same place in every stream: dropped
+// mid-loop, some would hear it before that message and others after. Here
+// eight clients read nothing and are dropped so, while three read everything.
+func TestTooSlowClientsLeaveAtOnePlace(t *testing.T) {
+	r, srv := startServer(t, func(r *room) { r.queueLimit, r.writeTimeout, r.floodInterval = 20, time.Hour, 0 })
+	names := []string{"alice", "bob", "carol", "s1", "s2", "s3", "s4", "s5", "s6", "s7", "s8"}
+	users := joinRoom(t, srv, names...)
+	heard := make([][]event, 3)
+	listen := func(i int, until event) {
+		for len(heard[i]) == 0 || !heard[i][len(heard[i])-1].is(until) {
+			ev, err := users[i].read()
+			if err != nil {
+				t.Error(err)
+				return
+			}
+			heard[i] = append(heard[i], ev)
+		}
+	}
+	var readers sync.WaitGroup
+	readers.Go(func() { listen(1, msg(1, "done")) })
+	readers.Go(func() { listen(2, msg(1, "done")) })
+	t.Log("alice sends 4 KB messages until the eight who read nothing are gone")
+	for i := 0; r.online() > 3; i++ {
+		if i == 100_000 {
+			t.Fatal("the clients who read nothing were never dropped")
+		}
+		text := fmt.Sprintf("%d %4000s", i, ".")
+		if err := websocket.Message.Send(users[0].conn, text); err != nil {
+			t.Fatal(err)
+		}
+		listen(0, msg(1, text))
+	}
+	users[0].say("done")
+	listen(0, msg(1, "done"))
+	readers.Wait()
+	if !slices.Equal(heard[0], heard[1]) || !slices.Equal(heard[0], heard[2]) {
+		t.Fatal("alice, bob and carol heard the leaves at different places")
+	}
+	t.Logf("alice, bob and carol heard the same %d events, the eight leaves included", len(heard[0]))
+}
+
 // A message read from a client that the room has just dropped is not
 // broadcast: everyone has heard its leave already. The server reads both of
 // mallory's frames into its buffer at once, relays the first, and holds the
@@ -1090,10 +1098,7 @@ func TestSlowClientIsDisconnectedWithoutDelayingOthers(t *testing.T) {
 func TestDroppedClientSpeaksNoMore(t *testing.T) {
 	r, srv := startServer(t, func(r *room) { r.floodBurst, r.floodInterval = 1, 500*time.Millisecond })
 	alice := joinRoom(t, srv, "alice")[0]
-	resp, mallory, br := rawHandshake(t, srv.Listener.Addr().String(), "", "")
-	if resp.StatusCode != http.StatusSwitchingProtocols {
-		t.Fatal(resp.Status)
-	}
+	mallory, br := rawJoin(t, srv.Listener.Addr().String())
 	alice.expect(join(2, 2))
 
 	t.Log("mallory sends two messages in one TCP write")
@@ -1173,10 +1178,7 @@ func TestNoGoroutineIsLeftBehind(t *testing.T) {
 func TestShutdownClosesEveryConnection(t *testing.T) {
 	r, srv := startServer(t, func(r *room) { r.floodInterval, r.writeTimeout = 0, time.Hour })
 	users := joinRoom(t, srv, "alice", "sleepy") // sleepy never reads
-	resp, _, rawBr := rawHandshake(t, srv.Listener.Addr().String(), "", "")
-	if resp.StatusCode != http.StatusSwitchingProtocols {
-		t.Fatal(resp.Status)
-	}
+	_, rawBr := rawJoin(t, srv.Listener.Addr().String())
 	rawClosed := make(chan error, 1)
 	go func() { rawClosed <- readUntilClose(rawBr) }() // a healthy reader that sees raw frames
 	users[0].expect(join(3, 3))
@@ -1197,6 +1199,36 @@ func TestShutdownClosesEveryConnection(t *testing.T) {
 		t.Fatal(err)
 	}
 	t.Log("the healthy client received a close frame")
+}
+
+// Shutting down sends nobody a leave: everyone is going, and a page would
+// show the others leaving one by one.
+func TestShutdownSendsNoLeave(t *testing.T) {
+	r, srv := startServer(t, nil)
+	users := joinRoom(t, srv, "1", "2", "3", "4", "5", "6", "7", "8")
+	var readers sync.WaitGroup
+	for _, u := range users {
+		readers.Go(func() {
+			for ev, err := u.read(); err == nil; ev, err = u.read() {
+				if ev.Type == "leave" {
+					t.Errorf("user %s got %+v at shutdown", u.name, ev)
+				}
+			}
+		})
+	}
+	r.shutdown()
+	readers.Wait()
+}
+
+// A connection that arrives while the server shuts down is closed, not let in.
+func TestNoJoiningWhileShuttingDown(t *testing.T) {
+	r, srv := startServer(t, nil)
+	r.shutdown() // an empty room: it returns at once, and the listener still accepts
+	late := dial(t, srv, "late")
+	late.expectClosed()
+	if n := r.online(); n != 0 {
+		t.Fatalf("%d online after shutdown", n)
+	}
 }
 
 // A flooder is slowed down to the limit, not disconnected and not dropped,
@@ -1289,37 +1321,39 @@ func TestEmptyFramesCountAgainstTheFloodLimit(t *testing.T) {
 	}
 }
 
+// A quiet client may send floodBurst messages at once: none of them waits.
+// At one per second after the burst, a server without one would take 19 s.
+func TestQuietClientMaySendABurst(t *testing.T) {
+	_, srv := startServer(t, func(r *room) { r.floodInterval = time.Second })
+	alice := joinRoom(t, srv, "alice")[0]
+	start := time.Now()
+	for i := range defaultLimits.floodBurst {
+		alice.say(fmt.Sprint(i))
+	}
+	for i := range defaultLimits.floodBurst {
+		alice.expect(msg(1, fmt.Sprint(i)))
+	}
+	if took := time.Since(start); took > 5*time.Second {
+		t.Fatalf("the burst took %v", took)
+	}
+}
+
 // ---- The real main, in a child process ----
 
 // TestMain lets a test run the real main in a child process: the test binary
 // re-executes itself with WSCHAT_RUN_MAIN=1 and the flags main should see.
 func TestMain(m *testing.M) {
 	if os.Getenv("WSCHAT_RUN_MAIN") == "1" {
-		go collectOnRequest()
 		main()
 		os.Exit(0)
 	}
 	os.Exit(m.Run())
 }
 
-// collectOnRequest lets BenchmarkIdleConnections tell live memory from
-// garbage in the child: each line on stdin asks for a full collection, and
-// what is left goes back on stdout.
-func collectOnRequest() {
-	for lines := bufio.NewScanner(os.Stdin); lines.Scan(); {
-		debug.FreeOSMemory() // collect everything, and give freed memory back to the OS
-		var m runtime.MemStats
-		runtime.ReadMemStats(&m)
-		fmt.Printf("collected: heap %d stacks %d\n", m.HeapInuse, m.StackInuse)
-	}
-}
-
 // A mainProcess is the real main, running in a child process.
 type mainProcess struct {
-	cmd    *exec.Cmd
-	addr   string         // the first address it printed
-	stdin  io.Writer      // see collectOnRequest
-	stdout *bufio.Scanner // the rest of what it prints
+	cmd  *exec.Cmd
+	addr string // the first address it printed
 }
 
 func startMain(t testing.TB, args ...string) *mainProcess {
@@ -1327,15 +1361,16 @@ func startMain(t testing.TB, args ...string) *mainProcess {
 	p := &mainProcess{cmd: exec.Command(os.Args[0], args...)}
 	// The race detector sleeps 1 s before a process exits; that is not main's time.
 	p.cmd.Env = append(os.Environ(), "WSCHAT_RUN_MAIN=1", "GORACE=atexit_sleep_ms=0")
-	stdin, err1 := p.cmd.StdinPipe()
-	stdout, err2 := p.cmd.StdoutPipe()
-	if err := errors.Join(err1, err2, p.cmd.Start()); err != nil {
+	stdout, err := p.cmd.StdoutPipe()
+	if err == nil {
+		err = p.cmd.Start()
+	}
+	if err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { p.cmd.Process.Kill(); p.cmd.Wait() })
-	p.stdin, p.stdout = stdin, bufio.NewScanner(stdout)
-	for p.stdout.Scan() {
-		if _, addr, ok := strings.Cut(p.stdout.Text(), "http://"); ok {
+	for lines := bufio.NewScanner(stdout); lines.Scan(); {
+		if _, addr, ok := strings.Cut(lines.Text(), "http://"); ok {
 			p.addr = addr
 			return p
 		}
@@ -1350,13 +1385,7 @@ func TestMainStopsCleanlyOnSignal(t *testing.T) {
 	}
 	p := startMain(t, "-addr", "127.0.0.1:0")
 	t.Logf("main is listening on %s", p.addr)
-	resp, _, br := rawHandshake(t, p.addr, "", "")
-	if resp.StatusCode != http.StatusSwitchingProtocols {
-		t.Fatal(resp.Status)
-	}
-	if _, hello, err := readRawFrame(br); err != nil || !strings.Contains(string(hello), `"hello"`) {
-		t.Fatalf("no hello from main: %q %v", hello, err)
-	}
+	_, br := rawJoin(t, p.addr)
 
 	start := time.Now()
 	p.cmd.Process.Signal(os.Interrupt)
@@ -1418,19 +1447,38 @@ func TestMainReportsBusyPort(t *testing.T) {
 	}
 }
 
-// ---- Benchmarks ----
-//
-//	go test -bench . -run '^$'
-//	WSCHAT_BENCH_CONNS=10000 go test -bench IdleConnections -run '^$' -benchtime 1x
-
-// quiet is a room change for benchmarks: no log lines, no flood limit.
-func quiet(r *room) {
-	r.logf = func(string, ...any) {}
-	r.floodInterval = 0
+// Every address main prints opens the page: localhost and each LAN address
+// when listening on all of them, or just the one.
+func TestPrintedURLsOpenThePage(t *testing.T) {
+	r, _ := startServer(t, nil)
+	for _, addr := range []string{":0", "127.0.0.1:0"} {
+		ln, err := net.Listen("tcp", addr)
+		if err != nil {
+			t.Fatal(err)
+		}
+		srv := &http.Server{Handler: r.routes()}
+		go srv.Serve(ln)
+		defer srv.Close()
+		var printed strings.Builder
+		printURLs(&printed, ln.Addr().(*net.TCPAddr))
+		urls := strings.Fields(strings.TrimPrefix(printed.String(), "wschat is running. Open it in a browser:"))
+		for _, u := range urls {
+			resp, err := http.Get(u)
+			if err != nil || resp.StatusCode != http.StatusOK {
+				t.Fatalf("listening on %s, printed %q: %v %v", addr, u, resp, err)
+			}
+			resp.Body.Close()
+		}
+		t.Logf("listening on %s, printed %q: each serves the page", addr, urls)
+	}
 }
 
-// A tally counts deliveries across many client goroutines and lets one
-// goroutine wait until a count is reached.
+// ---- Benchmarks ----
+//
+//	go test -bench Broadcast -run '^$'
+
+// A tally counts deliveries from many reader goroutines; one goroutine may
+// wait for a count.
 type tally struct {
 	mu      sync.Mutex
 	count   int
@@ -1441,101 +1489,26 @@ type tally struct {
 func (t *tally) add(n int) {
 	t.mu.Lock()
 	defer t.mu.Unlock()
-	t.count += n
-	if t.reached != nil && t.count >= t.target {
+	if t.count += n; t.reached != nil && t.count >= t.target {
 		close(t.reached)
 		t.reached = nil
 	}
 }
 
-func (t *tally) value() int {
+// waitFor waits until the count reaches target, failing after a minute.
+func (t *tally) waitFor(tb testing.TB, target int) {
 	t.mu.Lock()
-	defer t.mu.Unlock()
-	return t.count
-}
-
-// reset starts the count again from zero.
-func (t *tally) reset() {
-	t.mu.Lock()
-	defer t.mu.Unlock()
-	t.count = 0
-}
-
-// waitFor waits until count reaches target, failing after timeout.
-func (t *tally) waitFor(tb testing.TB, target int, timeout time.Duration) {
-	t.mu.Lock()
-	if t.count >= target {
-		t.mu.Unlock()
-		return
-	}
 	reached := make(chan struct{})
-	t.target, t.reached = target, reached
+	if t.target, t.reached = target, reached; t.count >= target {
+		close(reached)
+	}
 	t.mu.Unlock()
 	select {
 	case <-reached:
-	case <-time.After(timeout):
-		t.mu.Lock()
-		defer t.mu.Unlock()
-		tb.Fatalf("gave up at %d of %d deliveries", t.count, target)
+	case <-time.After(time.Minute):
+		tb.Fatalf("gave up waiting for %d deliveries", target)
 	}
 }
-
-// dialMany connects n clients to url, dialing a few at a time, and gives
-// every frame each of them receives to onFrame, from one goroutine per
-// client, until the test ends.
-func dialMany(tb testing.TB, url string, n int, onFrame func(client int, frame []byte)) []*websocket.Conn {
-	tb.Helper()
-	conns := make([]*websocket.Conn, n)
-	var readers sync.WaitGroup
-	tb.Cleanup(func() {
-		for _, c := range conns {
-			if c != nil {
-				c.Close()
-			}
-		}
-		readers.Wait()
-	})
-	origin := "http://" + strings.TrimPrefix(strings.TrimSuffix(url, "/ws"), "ws://")
-	var dialers sync.WaitGroup
-	errs := make(chan error, n)
-	next := make(chan int, n)
-	for i := range n {
-		next <- i
-	}
-	close(next)
-	for range min(n, 16) {
-		dialers.Go(func() {
-			for i := range next {
-				conn, err := websocket.Dial(url, "", origin)
-				var first []byte
-				if err == nil { // once its hello is here, the client is in the room
-					err = websocket.Message.Receive(conn, &first)
-				}
-				if err != nil {
-					errs <- err
-					return
-				}
-				conns[i] = conn
-				readers.Go(func() {
-					for frame := first; ; {
-						onFrame(i, frame)
-						if websocket.Message.Receive(conn, &frame) != nil {
-							return
-						}
-					}
-				})
-			}
-		})
-	}
-	dialers.Wait()
-	close(errs)
-	if err := <-errs; err != nil {
-		tb.Fatalf("dialing client: %v", err)
-	}
-	return conns
-}
-
-var msgMarker = []byte(`{"type":"msg"`)
 
 // BenchmarkBroadcast measures what one message costs, sent by one client and
 // received by every client, server and in-process clients together. In the
@@ -1559,17 +1532,23 @@ func benchBroadcast(b *testing.B, clients int, burst bool) {
 	if burst {
 		senders, perSender = 10, 10
 	}
-	_, srv := startServer(b, quiet)
+	_, srv := startServer(b, func(r *room) { r.logf, r.floodInterval = func(string, ...any) {}, 0 })
 	var delivered tally
 	var frames atomic.Int64
-	conns := dialMany(b, wsURL(srv), clients, func(_ int, frame []byte) {
-		frames.Add(1)
-		delivered.add(bytes.Count(frame, msgMarker))
-	})
-	// One message through, so every join has been delivered before the clock starts.
-	websocket.Message.Send(conns[0], "warm-up")
-	delivered.waitFor(b, clients, time.Minute)
-	delivered.reset()
+	var readers sync.WaitGroup
+	b.Cleanup(readers.Wait) // runs after the clients' cleanups close them
+	conns := make([]*websocket.Conn, clients)
+	for i := range conns {
+		conns[i] = dial(b, srv, "").conn
+		readers.Go(func() {
+			for frame := []byte(nil); websocket.Message.Receive(conns[i], &frame) == nil; {
+				frames.Add(1)
+				delivered.add(bytes.Count(frame, []byte(`{"type":"msg"`)))
+			}
+		})
+	}
+	websocket.Message.Send(conns[0], "warm-up") // behind every join, in every queue
+	delivered.waitFor(b, clients)
 	frames.Store(0)
 
 	b.ReportAllocs()
@@ -1586,188 +1565,11 @@ func benchBroadcast(b *testing.B, clients int, burst bool) {
 		}
 		wg.Wait()
 		sent += round
-		delivered.waitFor(b, sent*clients, time.Minute)
+		delivered.waitFor(b, clients+sent*clients)
 	}
 	b.StopTimer()
 	perDelivery := float64(b.Elapsed().Nanoseconds()) / float64(b.N*clients)
 	b.ReportMetric(perDelivery, "ns/delivery")
 	b.ReportMetric(1e9/perDelivery, "deliveries/s")
 	b.ReportMetric(float64(b.N*clients)/float64(frames.Load()), "events/frame")
-}
-
-// BenchmarkSteadyLatency is a busy evening in a big room: 1000 clients, 10 of
-// whom send 5 messages a second each (within the flood limit, which stays on)
-// for 3 s. It reports the time from a send to the last client's receipt.
-func BenchmarkSteadyLatency(b *testing.B) {
-	const clients, senders, perSecond, duration = 1000, 10, 5, 3 * time.Second
-	_, srv := startServer(b, func(r *room) { r.logf = func(string, ...any) {} })
-
-	// Message i says "#i#". Clients find it with a byte search, not a JSON
-	// decoder, so that the clients cost the measurement as little as possible.
-	perSender := int(duration.Seconds() * perSecond)
-	total := senders * perSender
-	var sentAt, lastAt []atomic.Int64 // nanoseconds since base
-	var receipts []atomic.Int32
-	base := time.Now()
-	var delivered tally
-	conns := dialMany(b, wsURL(srv), clients, func(_ int, frame []byte) {
-		now := int64(time.Since(base))
-		n := 0
-		for rest := frame; ; n++ {
-			_, after, found := bytes.Cut(rest, []byte(`"msg":"#`))
-			if !found {
-				break
-			}
-			digits, tail, _ := bytes.Cut(after, []byte("#"))
-			rest = tail
-			i, _ := strconv.Atoi(string(digits))
-			if receipts[i].Add(1) == clients {
-				lastAt[i].Store(now)
-			}
-		}
-		delivered.add(n)
-	})
-
-	sentAt, lastAt, receipts = make([]atomic.Int64, total*b.N), make([]atomic.Int64, total*b.N), make([]atomic.Int32, total*b.N)
-	var latencies []time.Duration
-	for round := range b.N {
-		var wg sync.WaitGroup
-		for s := range senders {
-			wg.Go(func() {
-				// Senders take turns, so the room sees one message every 20 ms.
-				time.Sleep(time.Duration(s) * time.Second / perSecond / senders)
-				tick := time.NewTicker(time.Second / perSecond)
-				defer tick.Stop()
-				for j := range perSender {
-					i := round*total + j*senders + s
-					sentAt[i].Store(int64(time.Since(base)))
-					websocket.Message.Send(conns[s], fmt.Sprintf("#%d#", i))
-					<-tick.C
-				}
-			})
-		}
-		wg.Wait()
-		delivered.waitFor(b, (round+1)*total*clients, time.Minute)
-		for i := round * total; i < (round+1)*total; i++ {
-			latencies = append(latencies, time.Duration(lastAt[i].Load()-sentAt[i].Load()))
-		}
-	}
-	slices.Sort(latencies)
-	ms := func(d time.Duration) float64 { return float64(d) / float64(time.Millisecond) }
-	b.ReportMetric(ms(latencies[len(latencies)/2]), "p50-ms")
-	b.ReportMetric(ms(latencies[len(latencies)*99/100]), "p99-ms")
-	b.ReportMetric(ms(latencies[len(latencies)-1]), "max-ms")
-	b.ReportMetric(0, "ns/op") // one op is a 3 s scenario: its time says nothing
-}
-
-// BenchmarkIdleConnections runs the real main in a child process, connects
-// N clients to it (1000, or WSCHAT_BENCH_CONNS), and reports how long it took
-// until every client had heard of every join, the server's own resident
-// memory per connection once the joins have settled, and how long one message
-// then takes to reach all N.
-func BenchmarkIdleConnections(b *testing.B) {
-	n := 1000
-	if s := os.Getenv("WSCHAT_BENCH_CONNS"); s != "" {
-		var err error
-		if n, err = strconv.Atoi(s); err != nil || n < 2 {
-			b.Fatalf("WSCHAT_BENCH_CONNS=%q: want a number of connections, at least 2", s)
-		}
-	}
-	if _, err := os.Stat("/proc/self/status"); err != nil {
-		b.Skip("measuring the server's memory needs Linux's /proc")
-	}
-	// Go raises the soft limit on open files to the hard limit at start-up;
-	// this process needs one per client, and the server one per connection.
-	if limit := openFileLimit(); limit < n+100 {
-		b.Skipf("%d connections need %d open files per process; the limit here is %d (raise it with ulimit -n)", n, n+100, limit)
-	}
-	for range b.N {
-		benchIdle(b, n)
-	}
-}
-
-func benchIdle(b *testing.B, n int) {
-	server := startMain(b, "-addr", "127.0.0.1:0")
-	pid := server.cmd.Process.Pid
-	before := residentKB(b, pid)
-
-	var joined, heard, left tally
-	settled := make([]bool, n) // client i has seen "online":n; only its reader touches settled[i]
-	start := time.Now()
-	conns := dialMany(b, "ws://"+server.addr+"/ws", n, func(i int, frame []byte) {
-		left.add(bytes.Count(frame, []byte(`"type":"leave"`)))
-		heard.add(bytes.Count(frame, msgMarker))
-		if !settled[i] && bytes.HasSuffix(frame, fmt.Appendf(nil, `"online":%d}`, n)) {
-			settled[i] = true
-			joined.add(1)
-		}
-	})
-	dialed := time.Since(start)
-	joined.waitFor(b, n, 10*time.Minute)
-	joinTime := time.Since(start)
-	if kicked := left.value(); kicked > 0 {
-		b.Fatalf("%d clients were disconnected while joining", kicked)
-	}
-	settledKB := residentKB(b, pid)
-	// How much of that is live, and how much garbage the join storm left for
-	// the next collection? Ask the server for a full collection, and look again.
-	io.WriteString(server.stdin, "collect\n")
-	var heap, stacks int
-	for server.stdout.Scan() {
-		if _, err := fmt.Sscanf(server.stdout.Text(), "collected: heap %d stacks %d", &heap, &stacks); err == nil {
-			break
-		}
-	}
-	if heap == 0 {
-		b.Fatal("no answer from the server")
-	}
-	liveKB := residentKB(b, pid)
-
-	start = time.Now()
-	websocket.Message.Send(conns[0], "hello, everyone")
-	heard.waitFor(b, n, time.Minute)
-	reachAll := time.Since(start)
-
-	perConn := func(kb int) float64 { return float64(kb) / float64(n) }
-	b.ReportMetric(perConn(settledKB-before), "server-KB/conn")
-	b.ReportMetric(perConn(liveKB-before), "live-KB/conn")
-	b.ReportMetric(perConn(heap/1024), "heap-KB/conn")
-	b.ReportMetric(perConn(stacks/1024), "stacks-KB/conn")
-	b.ReportMetric(dialed.Seconds(), "dial-s")
-	b.ReportMetric(joinTime.Seconds(), "join-s")
-	b.ReportMetric(float64(reachAll)/float64(time.Millisecond), "reach-all-ms")
-	b.ReportMetric(0, "ns/op")
-}
-
-// residentKB reads a process's resident memory from /proc.
-func residentKB(tb testing.TB, pid int) int {
-	status, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
-	if err != nil {
-		tb.Fatal(err)
-	}
-	for line := range strings.Lines(string(status)) {
-		if rest, ok := strings.CutPrefix(line, "VmRSS:"); ok {
-			kb, err := strconv.Atoi(strings.TrimSuffix(strings.TrimSpace(rest), " kB"))
-			if err != nil {
-				tb.Fatal(err)
-			}
-			return kb
-		}
-	}
-	tb.Fatal("no VmRSS in " + string(status))
-	return 0
-}
-
-// openFileLimit reads this process's limit on open files from /proc, or
-// returns a large number where it cannot tell.
-func openFileLimit() int {
-	limits, _ := os.ReadFile("/proc/self/limits")
-	for line := range strings.Lines(string(limits)) {
-		if rest, ok := strings.CutPrefix(line, "Max open files"); ok {
-			if soft, err := strconv.Atoi(strings.Fields(rest)[0]); err == nil {
-				return soft
-			}
-		}
-	}
-	return 1 << 30
 }
