@@ -1,13 +1,9 @@
-// Command wschat is a chat room for everyone on your network, in one file.
-// It reads in the order data flows: connect, join, read, broadcast, write,
-// drop. Each connection has two goroutines, serveClient reading and the
-// client's writer writing; a broadcast only appends to every client's queue,
-// so one slow client cannot stall the room.
+// Command wschat is a chat room for everyone on your network, in one file
+// that reads in the order data flows: connect, join, read, broadcast, write,
+// drop.
 package main
 
 import (
-	"bytes"
-	"context"
 	"crypto/rand"
 	_ "embed"
 	"encoding/json"
@@ -37,7 +33,7 @@ const (
 	maxMessageBytes = 4096        // a larger frame closes the sender's connection
 	maxFrameBytes   = 16 << 10    // events share a frame up to this size; a larger one goes alone
 	historySize     = 100         // messages kept for newcomers
-	closeGrace      = time.Second // after a drop, for the last write and the close frame
+	closeGrace      = time.Second // after a drop, for the last writes and the close frame
 	watchEvery      = time.Second // how often the room's clock looks at every writer
 )
 
@@ -64,11 +60,11 @@ func main() {
 	}
 	printURLs(os.Stdout, ln.Addr().(*net.TCPAddr))
 
-	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
-	defer stop()
-	r := newRoom(strings.Split(*hosts, ",")...)
+	r := newRoom(strings.Fields(strings.ReplaceAll(*hosts, ",", " "))...)
 	srv := &http.Server{Handler: r.routes(), ReadHeaderTimeout: 10 * time.Second}
-	go func() { <-ctx.Done(); srv.Close() }() // stops the listener; Serve returns
+	stop := make(chan os.Signal, 1)
+	signal.Notify(stop, os.Interrupt, syscall.SIGTERM)
+	go func() { <-stop; srv.Close() }() // stops the listener; Serve returns
 	if err := srv.Serve(ln); err != http.ErrServerClosed {
 		log.Fatal(err) // the listener failed: nobody else can connect
 	}
@@ -76,8 +72,7 @@ func main() {
 	r.shutdown() // srv.Close leaves the WebSockets, which x/net took over, to us
 }
 
-// printURLs says where to point a browser: this machine, then one address per
-// network interface, for phones and laptops on the LAN.
+// printURLs says where to point a browser: here, then each LAN address.
 func printURLs(w io.Writer, addr *net.TCPAddr) {
 	fmt.Fprintln(w, "wschat is running. Open it in a browser:")
 	if !addr.IP.IsUnspecified() { // listening on one address only
@@ -104,15 +99,15 @@ type event struct {
 	History int    `json:"history,omitempty"` // hello: this many msg events follow
 }
 
-// encode makes an event one line of JSON, ending in the newline that
-// separates events in a frame. HTML is not escaped (< would take 6 bytes):
-// the page shows text, never HTML. Invalid UTF-8 becomes U+FFFD.
+// encode makes ev one line of JSON, newline included: lines separate events
+// in a frame. HTML is not escaped (the page shows text, never HTML), and
+// invalid UTF-8 becomes U+FFFD.
 func encode(ev event) []byte {
-	var line bytes.Buffer
+	var line strings.Builder
 	enc := json.NewEncoder(&line)
 	enc.SetEscapeHTML(false)
 	enc.Encode(ev) // cannot fail on strings and ints
-	return line.Bytes()
+	return []byte(line.String())
 }
 
 // A room is the set of connected clients. The lock rule: r.mu guards the
@@ -125,36 +120,42 @@ type room struct {
 	hosts map[string]bool // names the chat answers to, besides IP addresses
 	run   string          // lets a page that reconnects tell that the server restarted
 
-	mu        sync.Mutex
-	clients   map[*client]bool // who is in the room
-	lastUID   int              // user ids count up and are never reused
-	lastMsgID int              // message ids too
-	history   [][]byte         // the last historySize msg events, oldest first
-	closing   bool             // shutting down: nobody may join
-	conns     sync.WaitGroup   // joined connections not yet closed (needs no lock)
+	mu                 sync.Mutex
+	clients            map[*client]bool // who is in the room
+	lastUID, lastMsgID int              // ids count up, and are never reused
+	history            [][]byte         // the last historySize msg events, oldest first
+	closing            bool             // shutting down: nobody may join
+	conns              sync.WaitGroup   // joined connections not yet closed (needs no lock)
 }
 
-// newRoom makes a room that answers to these names too, and starts its clock.
+// newRoom makes a room that answers to these names too, and starts its clock:
+// checkWriters every watchEvery, until shutdown.
 func newRoom(names ...string) *room {
 	r := &room{limits: defaultLimits, logf: log.Printf, run: rand.Text(), clients: make(map[*client]bool)}
 	hostname, _ := os.Hostname()
 	hostname = strings.TrimSuffix(strings.ToLower(hostname), ".local") // as macOS may give it
-	r.hosts = map[string]bool{"localhost": true}
-	for _, name := range append(names, hostname, hostname+".local") {
-		if name = strings.TrimSpace(name); name != "" {
-			r.hosts[strings.ToLower(name)] = true
-		}
+	r.hosts = map[string]bool{"localhost": true, hostname: true, hostname + ".local": true}
+	for _, name := range names {
+		r.hosts[strings.ToLower(name)] = true
 	}
-	go r.watchWriters() // ends at shutdown
+	go func() {
+		for now := range time.Tick(watchEvery) {
+			if !r.checkWriters(now) {
+				return
+			}
+		}
+	}()
 	return r
 }
 
-// A client is one connection.
+// A client is one connection: serveClient reads from it, and the client's
+// writer writes. A broadcast only appends to its queue: a slow client stalls
+// nobody else.
 type client struct {
 	uid         int
 	conn        *websocket.Conn
 	wake        chan struct{} // one slot: "there is something to send"; closed by the drop
-	leftBecause string        // guarded by the room's mu; set by the drop
+	leftBecause string        // set by the drop
 
 	mu        sync.Mutex
 	queue     [][]byte  // encoded events the writer has not taken yet
@@ -183,17 +184,14 @@ func (r *room) routes() http.Handler {
 // rebinding) passes that, so Host must be an IP address or one of our names.
 func (r *room) checkHandshake(config *websocket.Config, req *http.Request) error {
 	config.Protocol = nil
-	host, _, err := net.SplitHostPort(req.Host)
-	if err != nil {
-		host = req.Host // no port
-	}
-	if host = strings.Trim(host, "[]"); net.ParseIP(host) == nil && !r.hosts[strings.ToLower(host)] {
+	host := (&url.URL{Host: req.Host}).Hostname() // no port, no brackets
+	if net.ParseIP(host) == nil && !r.hosts[strings.ToLower(host)] {
 		r.logf("refused a WebSocket for Host %q: if that is this server, run it with -host %s", req.Host, host)
-		return fmt.Errorf("host %q is not this server", req.Host)
+		return errors.New("not this server")
 	}
 	origin := req.Header.Get("Origin")
 	if u, err := url.Parse(origin); origin != "" && (err != nil || !strings.EqualFold(u.Host, req.Host)) {
-		return fmt.Errorf("origin %q may not connect to %q", origin, req.Host)
+		return errors.New("another site") // x/net answers 403 to any error
 	}
 	return nil
 }
@@ -220,7 +218,7 @@ func (r *room) serveClient(conn *websocket.Conn) {
 	reason = c.leftBecause  // then that one says why
 	r.mu.Unlock()
 	writer.Wait()
-	conn.Close() // by the drop's deadline, or only TCP is closed
+	conn.Close() // within the drop's deadline, or only TCP is closed
 	r.logf("user %d left: %s", c.uid, reason)
 }
 
@@ -251,12 +249,11 @@ func (r *room) join(conn *websocket.Conn) (c *client, online int) {
 // why. x/net's Receive returns a frame, not a message (fragments come one by
 // one), and answers pings itself, writing the pong there and then.
 //
-// Flood control: no frame is read before nextRead, and each frame moves it
-// floodInterval on; quiet time lets it fall behind now, by floodBurst-1
-// intervals at most. With the defaults, a quiet client sends 25 frames: 1 to
-// 20 are read at once, as nextRead goes from 1.9 s behind to 0.1 s ahead;
-// 21 waits 100 ms, and each one after it 100 ms more. Meanwhile nothing is
-// read, pings included, so TCP makes the client wait: nothing is dropped.
+// Flood control: no frame is read before nextRead; each frame moves it one
+// interval on, and quiet time lets it fall behind, floodBurst-1 intervals at
+// most. So a quiet client's 25 frames: 1 to 20 are read at once (nextRead
+// goes from 1.9 s behind to 0.1 s ahead), 21 waits 100 ms, 22 waits 200.
+// Meanwhile nothing is read, pings included: TCP holds the client back.
 func (r *room) readMessages(c *client) (reason string) {
 	var nextRead time.Time
 	for {
@@ -342,15 +339,13 @@ func (c *client) wakeWriter() {
 }
 
 // writeQueue is the client's writer. Woken, it sends what is queued, as many
-// events per frame as fit in maxFrameBytes, or the ping the room's clock
-// asked for. It ends once the client is dropped (wake is closed) or a write
-// fails. It sets no deadline: the clock notices a write that blocks.
+// events per frame as fit in maxFrameBytes, or the ping the clock asked for;
+// it ends once wake is closed and all is sent, or a write fails. It sets no
+// deadline: the clock notices a write that blocks.
 func (r *room) writeQueue(c *client) {
 	var frame []byte // reused; the frame cap bounds it
 	for range c.wake {
-		// Yield, so that broadcasts under way can queue more: in a burst,
-		// fewer and fuller frames (README, Performance).
-		runtime.Gosched()
+		runtime.Gosched() // so broadcasts under way can queue more: fuller frames
 		for batch, ping := c.nextBatch(); len(batch) > 0 || ping; batch, ping = c.nextBatch() {
 			var err error
 			if ping {
@@ -400,20 +395,10 @@ var pingFrame = websocket.Codec{Marshal: func(any) ([]byte, byte, error) {
 	return nil, websocket.PingFrame, nil
 }}
 
-// watchWriters is the room's clock, ticking until shutdown.
-func (r *room) watchWriters() {
-	for now := range time.Tick(watchEvery) {
-		if !r.checkWriters(now) {
-			return
-		}
-	}
-}
-
 // checkWriters drops every client whose writer has been in one write for
-// writeTimeout: it reads nothing, so its socket is full, or it is gone. And it
-// asks for a ping where nothing was written for pingInterval, so that a proxy
-// in between does not cut the quiet connection. It reports false once the
-// room is shutting down.
+// writeTimeout (it reads nothing, or it is gone), and asks for a ping where
+// nothing was written for pingInterval, so that a proxy in between does not
+// cut a quiet connection. It reports false once the room is shutting down.
 func (r *room) checkWriters(now time.Time) bool {
 	r.mu.Lock()
 	defer r.mu.Unlock()
@@ -441,8 +426,8 @@ func (r *room) checkWriters(now time.Time) bool {
 // blocked write) or shutdown; later calls do nothing. Its leave may find
 // other queues full, and so drop more clients. It cannot Close c.conn, which
 // would wait for a blocked write; it sets the connection's only deadlines:
-// the read deadline, now, ends Receive, and all that is still written (the
-// write in progress, a pong, the close frame) must be done in closeGrace.
+// the read deadline, now, ends Receive, and the writes still to come (the
+// queue, a pong, the close frame) must be done within closeGrace.
 func (r *room) dropLocked(c *client, reason string) {
 	if !r.clients[c] {
 		return
@@ -451,7 +436,7 @@ func (r *room) dropLocked(c *client, reason string) {
 	c.leftBecause = reason
 	c.conn.SetReadDeadline(time.Now())
 	c.conn.SetWriteDeadline(time.Now().Add(closeGrace))
-	close(c.wake) // ends the writer
+	close(c.wake) // the writer ends once the queue is sent
 	if !r.closing {
 		r.broadcastLocked(encode(event{Type: "leave", UID: c.uid, Online: len(r.clients)}), nil)
 	}
