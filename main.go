@@ -1,6 +1,7 @@
 // Command wschat is a chat room for everyone on your network, in one file
 // that reads in the order data flows: connect, join, read, broadcast, write,
-// drop.
+// drop. Where a comment says "x/net:", it is about that library's ways, not
+// about WebSockets.
 package main
 
 import (
@@ -31,7 +32,7 @@ var indexHTML []byte
 
 const (
 	maxMessageBytes = 4096        // a larger frame closes the sender's connection
-	maxFrameBytes   = 16 << 10    // events share a frame up to this size; a larger one goes alone
+	maxFrameBytes   = 16 << 10    // events share a frame up to this; a larger one goes alone
 	historySize     = 100         // messages kept for newcomers
 	closeGrace      = time.Second // after a drop, for the last writes and the close frame
 	watchEvery      = time.Second // how often the room's clock looks at every writer
@@ -66,10 +67,10 @@ func main() {
 	signal.Notify(stop, os.Interrupt, syscall.SIGTERM)
 	go func() { <-stop; srv.Close() }() // stops the listener; Serve returns
 	if err := srv.Serve(ln); err != http.ErrServerClosed {
-		log.Fatal(err) // the listener failed: nobody else can connect
+		log.Fatal(err)
 	}
 	log.Print("shutting down")
-	r.shutdown() // srv.Close leaves the WebSockets, which x/net took over, to us
+	r.shutdown() // x/net: it hijacked the WebSockets from net/http, so srv.Close leaves them
 }
 
 // printURLs says where to point a browser: here, then each LAN address.
@@ -100,8 +101,9 @@ type event struct {
 }
 
 // encode makes ev one line of JSON, newline included: lines separate events
-// in a frame. HTML is not escaped (the page shows text, never HTML), and
-// invalid UTF-8 becomes U+FFFD.
+// in a frame. HTML is not escaped (the page shows text, never HTML), but
+// control characters are: a 4096-byte message of them takes 24 KB, the
+// largest event, which goes alone in its frame.
 func encode(ev event) []byte {
 	var line strings.Builder
 	enc := json.NewEncoder(&line)
@@ -121,11 +123,11 @@ type room struct {
 	run   string          // lets a page that reconnects tell that the server restarted
 
 	mu                 sync.Mutex
-	clients            map[*client]bool // who is in the room
-	lastUID, lastMsgID int              // ids count up, and are never reused
-	history            [][]byte         // the last historySize msg events, oldest first
-	closing            bool             // shutting down: nobody may join
-	conns              sync.WaitGroup   // joined connections not yet closed (needs no lock)
+	clients            map[*client]bool
+	lastUID, lastMsgID int
+	history            [][]byte       // the last historySize msg events, oldest first
+	closing            bool           // shutting down: nobody may join
+	conns              sync.WaitGroup // joined connections not yet closed (needs no lock)
 }
 
 // newRoom makes a room that answers to these names too, and starts its clock:
@@ -149,8 +151,8 @@ func newRoom(names ...string) *room {
 }
 
 // A client is one connection: serveClient reads from it, and the client's
-// writer writes. A broadcast only appends to its queue: a slow client stalls
-// nobody else.
+// writer writes to it. A broadcast only appends to its queue, so a client
+// that reads slowly holds up nobody else.
 type client struct {
 	uid         int
 	conn        *websocket.Conn
@@ -160,28 +162,28 @@ type client struct {
 	mu        sync.Mutex
 	queue     [][]byte  // encoded events the writer has not taken yet
 	pingDue   bool      // the room's clock asks the writer for a ping
-	writing   bool      // a write began, and the writer has not come back for more
+	writing   bool      // the writer is in a write (see nextBatch)
 	lastWrite time.Time // when the latest write began
 }
 
-// routes serves the page and the chat. ServeMux answers 404 and 405.
+// routes serves the page and the chat; ServeMux answers 404 and 405.
 func (r *room) routes() http.Handler {
 	mux := http.NewServeMux()
 	mux.HandleFunc("GET /{$}", func(w http.ResponseWriter, _ *http.Request) {
 		w.Header().Set("Content-Type", "text/html; charset=utf-8")
 		w.Write(indexHTML)
 	})
-	// Not websocket.Handler: it refuses clients that send no Origin.
+	// x/net: websocket.Handler would refuse clients that send no Origin.
 	mux.Handle("GET /ws", websocket.Server{Handshake: r.checkHandshake, Handler: r.serveClient})
 	return mux
 }
 
-// checkHandshake sees each upgrade request before x/net answers it. It
-// declines every subprotocol (x/net would echo one offer back, and refuse
-// two): we speak none. And it refuses another site's page, which could chat
-// in a visitor's name from inside their network. Origin, if sent, must name
-// the request's Host; but a site that points its own name at this server (DNS
-// rebinding) passes that, so Host must be an IP address or one of our names.
+// checkHandshake sees each upgrade request before it is answered; any error
+// makes a 403. It declines every subprotocol: we speak none (x/net: it would
+// echo one back, and refuse two). It refuses another site's page, which could
+// chat in a visitor's name from inside their network: Origin, if sent, must
+// name the request's Host, port included. A site that points its own name at
+// this server passes that (DNS rebinding), so Host must be an IP or ours.
 func (r *room) checkHandshake(config *websocket.Config, req *http.Request) error {
 	config.Protocol = nil
 	host := (&url.URL{Host: req.Host}).Hostname() // no port, no brackets
@@ -191,15 +193,14 @@ func (r *room) checkHandshake(config *websocket.Config, req *http.Request) error
 	}
 	origin := req.Header.Get("Origin")
 	if u, err := url.Parse(origin); origin != "" && (err != nil || !strings.EqualFold(u.Host, req.Host)) {
-		return errors.New("another site") // x/net answers 403 to any error
+		return errors.New("another site")
 	}
 	return nil
 }
 
-// serveClient is one connection's whole life. x/net calls it after the
-// handshake, and closes the TCP connection when it returns, so it waits for
-// the writer first. x/net's Close writes a close frame, then closes TCP; it
-// waits for x/net's write lock, and so for any write in progress.
+// serveClient is one connection's whole life. x/net: it calls this after the
+// handshake and closes TCP when it returns, so we wait for the writer first.
+// Close writes a close frame (code 1000), then closes TCP.
 func (r *room) serveClient(conn *websocket.Conn) {
 	conn.MaxPayloadBytes = maxMessageBytes // x/net's default is 32 MB
 	c, online := r.join(conn)
@@ -225,7 +226,7 @@ func (r *room) serveClient(conn *websocket.Conn) {
 // join gives the connection the next user id, queues hello and the history
 // for it, and tells everyone else; or returns nil, if shutting down. The
 // history is queued under the lock every broadcast takes: the live stream
-// starts exactly where it ends.
+// starts exactly where it ends. (At most 101 events: no queue is full yet.)
 func (r *room) join(conn *websocket.Conn) (c *client, online int) {
 	r.mu.Lock()
 	defer r.mu.Unlock()
@@ -246,14 +247,18 @@ func (r *room) join(conn *websocket.Conn) (c *client, online int) {
 }
 
 // readMessages relays the client's messages until a read fails, and says
-// why. x/net's Receive returns a frame, not a message (fragments come one by
-// one), and answers pings itself, writing the pong there and then.
+// why. x/net: Receive returns a frame, not a message (fragments come one by
+// one); it answers a ping there and then, taking the write lock, so a writer
+// stuck on a full socket holds up the pong and this loop too.
 //
-// Flood control: no frame is read before nextRead; each frame moves it one
-// interval on, and quiet time lets it fall behind, floodBurst-1 intervals at
-// most. So a quiet client's 25 frames: 1 to 20 are read at once (nextRead
-// goes from 1.9 s behind to 0.1 s ahead), 21 waits 100 ms, 22 waits 200.
-// Meanwhile nothing is read, pings included: TCP holds the client back.
+// Flood control is a token bucket kept as one time: nextRead, before which
+// no frame is read. Each frame read, empty or bad ones too, moves it one
+// interval later; but it is never left more than floodBurst-1 intervals in
+// the past: that is the burst saved up. With the defaults, a client quiet for
+// a while sends 25 frames. nextRead is at now-1.9s; frames 1 to 20 move it to
+// now+0.1s, read at once; frame 21 is read at 0.1 s, 22 at 0.2 s, and so on.
+// While it waits the loop reads nothing, pings neither: TCP holds the client
+// back, and nothing is dropped.
 func (r *room) readMessages(c *client) (reason string) {
 	var nextRead time.Time
 	for {
@@ -330,7 +335,8 @@ func (r *room) enqueue(c *client, ev []byte) bool {
 	return !full
 }
 
-// wakeWriter fills c.wake's slot, unless it is full already. r.mu must be held.
+// wakeWriter fills c.wake's slot, if empty. r.mu must be held: a drop closes
+// wake under it, and a send on a closed channel would panic.
 func (c *client) wakeWriter() {
 	select {
 	case c.wake <- struct{}{}:
@@ -341,12 +347,16 @@ func (c *client) wakeWriter() {
 // writeQueue is the client's writer. Woken, it sends what is queued, as many
 // events per frame as fit in maxFrameBytes, or the ping the clock asked for;
 // it ends once wake is closed and all is sent, or a write fails. It sets no
-// deadline: the clock notices a write that blocks.
+// deadline (a pong would find it passed): the clock notices a write that blocks.
 func (r *room) writeQueue(c *client) {
-	var frame []byte // reused; the frame cap bounds it
+	var frame []byte // reused for every frame
 	for range c.wake {
-		runtime.Gosched() // so broadcasts under way can queue more: fuller frames
-		for batch, ping := c.nextBatch(); len(batch) > 0 || ping; batch, ping = c.nextBatch() {
+		runtime.Gosched() // only for speed: broadcasts under way queue more, frames are fuller
+		for {
+			batch, ping := c.nextBatch()
+			if len(batch) == 0 && !ping {
+				break // all sent: wait to be woken
+			}
 			var err error
 			if ping {
 				err = pingFrame.Send(c.conn, nil)
@@ -355,7 +365,7 @@ func (r *room) writeQueue(c *client) {
 				for _, ev := range batch {
 					frame = append(frame, ev...)
 				}
-				_, err = c.conn.Write(frame[:len(frame)-1]) // no newline after the last event
+				_, err = c.conn.Write(frame[:len(frame)-1]) // one text frame; no newline after the last
 			}
 			if err != nil {
 				r.mu.Lock()
@@ -369,7 +379,8 @@ func (r *room) writeQueue(c *client) {
 
 // nextBatch takes the queued events that fit in maxFrameBytes, at least one
 // however large; the rest stay queued, in order. With none, it reports the
-// ping the clock asked for. It notes whether a write now begins.
+// ping the clock asked for. Then it notes whether a write begins or the
+// writer is idle: writing stays true until the writer comes back for more.
 func (c *client) nextBatch() (batch [][]byte, ping bool) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
@@ -383,14 +394,15 @@ func (c *client) nextBatch() (batch [][]byte, ping bool) {
 	}
 	ping = n == 0 && c.pingDue
 	c.pingDue = false
-	if c.writing = n > 0 || ping; c.writing {
+	c.writing = n > 0 || ping
+	if c.writing {
 		c.lastWrite = time.Now()
 	}
 	return batch, ping
 }
 
-// pingFrame sends a ping: x/net has no call for it, but a Codec may choose
-// the frame type. Receive reads the pong, and drops it.
+// pingFrame sends a ping. x/net: there is no call for it, but a Codec may
+// choose the frame type; and Receive drops the pong, so we cannot see it.
 var pingFrame = websocket.Codec{Marshal: func(any) ([]byte, byte, error) {
 	return nil, websocket.PingFrame, nil
 }}
@@ -424,10 +436,11 @@ func (r *room) checkWriters(now time.Time) bool {
 // up on c first calls it: serveClient (the client left, or broke a rule), the
 // writer (a write failed), broadcastLocked (a full queue), the clock (a
 // blocked write) or shutdown; later calls do nothing. Its leave may find
-// other queues full, and so drop more clients. It cannot Close c.conn, which
-// would wait for a blocked write; it sets the connection's only deadlines:
-// the read deadline, now, ends Receive, and the writes still to come (the
-// queue, a pong, the close frame) must be done within closeGrace.
+// other queues full, and so drop more clients (c is gone from the map first,
+// so nothing drops it twice). It cannot Close c.conn: x/net's Close waits for
+// the write lock, held by a blocked write. It sets the connection's only
+// deadlines instead: the read deadline, now, ends Receive, and the writes
+// still to come (the queue, a pong, the close frame) get closeGrace.
 func (r *room) dropLocked(c *client, reason string) {
 	if !r.clients[c] {
 		return
