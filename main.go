@@ -65,7 +65,7 @@ func main() {
 	srv := &http.Server{Handler: r.routes(), ReadHeaderTimeout: 10 * time.Second}
 	stop := make(chan os.Signal, 1)
 	signal.Notify(stop, os.Interrupt, syscall.SIGTERM)
-	go func() { <-stop; srv.Close() }() // stops the listener; Serve returns
+	go func() { <-stop; signal.Stop(stop); srv.Close() }() // a second Ctrl-C kills at once
 	if err := srv.Serve(ln); err != http.ErrServerClosed {
 		log.Fatal(err)
 	}
@@ -76,7 +76,7 @@ func main() {
 // printURLs says where to point a browser: here, then each LAN address.
 func printURLs(w io.Writer, addr *net.TCPAddr) {
 	fmt.Fprintln(w, "wschat is running. Open it in a browser:")
-	if !addr.IP.IsUnspecified() { // listening on one address only
+	if !addr.IP.IsUnspecified() {
 		fmt.Fprintf(w, "  http://%s\n", addr)
 		return
 	}
@@ -127,7 +127,7 @@ type room struct {
 	lastUID, lastMsgID int
 	history            [][]byte       // the last historySize msg events, oldest first
 	closing            bool           // shutting down: nobody may join
-	conns              sync.WaitGroup // joined connections not yet closed (needs no lock)
+	conns              sync.WaitGroup // joined connections not yet closed; Add under mu, with closing
 }
 
 // newRoom makes a room that answers to these names too, and starts its clock:
@@ -166,24 +166,22 @@ type client struct {
 	lastWrite time.Time // when the latest write began
 }
 
-// routes serves the page and the chat; ServeMux answers 404 and 405.
+// routes serves the page and the chat.
 func (r *room) routes() http.Handler {
 	mux := http.NewServeMux()
 	mux.HandleFunc("GET /{$}", func(w http.ResponseWriter, _ *http.Request) {
 		w.Header().Set("Content-Type", "text/html; charset=utf-8")
 		w.Write(indexHTML)
 	})
-	// x/net: websocket.Handler would refuse clients that send no Origin.
+	// x/net: not websocket.Handler, which refuses clients without Origin.
 	mux.Handle("GET /ws", websocket.Server{Handshake: r.checkHandshake, Handler: r.serveClient})
 	return mux
 }
 
-// checkHandshake sees each upgrade request before it is answered; any error
-// makes a 403. It declines every subprotocol: we speak none (x/net: it would
-// echo one back, and refuse two). It refuses another site's page, which could
-// chat in a visitor's name from inside their network: Origin, if sent, must
-// name the request's Host, port included. A site that points its own name at
-// this server passes that (DNS rebinding), so Host must be an IP or ours.
+// checkHandshake sees each upgrade request first; an error makes a 403. It
+// declines every subprotocol (x/net: it would echo one, and refuse two), and
+// refuses other sites (README, Abuse and limits): Origin, if sent, must name
+// the Host, and Host must be an IP address or ours, against DNS rebinding.
 func (r *room) checkHandshake(config *websocket.Config, req *http.Request) error {
 	config.Protocol = nil
 	host := (&url.URL{Host: req.Host}).Hostname() // no port, no brackets
@@ -200,11 +198,10 @@ func (r *room) checkHandshake(config *websocket.Config, req *http.Request) error
 
 // serveClient is one connection's whole life. x/net: it calls this after the
 // handshake and closes TCP when it returns, so we wait for the writer first.
-// Close writes a close frame (code 1000), then closes TCP.
 func (r *room) serveClient(conn *websocket.Conn) {
 	conn.MaxPayloadBytes = maxMessageBytes // x/net's default is 32 MB
 	c, online := r.join(conn)
-	if c == nil { // shutting down
+	if c == nil { // shutting down: a close frame, and that is all
 		conn.Close()
 		return
 	}
@@ -214,9 +211,10 @@ func (r *room) serveClient(conn *websocket.Conn) {
 	r.logf("user %d joined from %s (%d online)", c.uid, conn.Request().RemoteAddr, online)
 
 	reason := r.readMessages(c)
+	// If the room dropped c first, this does nothing, and its reason stands.
 	r.mu.Lock()
-	r.dropLocked(c, reason) // does nothing if someone dropped c first, and
-	reason = c.leftBecause  // then that one says why
+	r.dropLocked(c, reason)
+	reason = c.leftBecause
 	r.mu.Unlock()
 	writer.Wait()
 	conn.Close() // within the drop's deadline, or only TCP is closed
@@ -226,7 +224,7 @@ func (r *room) serveClient(conn *websocket.Conn) {
 // join gives the connection the next user id, queues hello and the history
 // for it, and tells everyone else; or returns nil, if shutting down. The
 // history is queued under the lock every broadcast takes: the live stream
-// starts exactly where it ends. (At most 101 events: no queue is full yet.)
+// starts exactly where it ends. (enqueue cannot fail here: 101 events at most.)
 func (r *room) join(conn *websocket.Conn) (c *client, online int) {
 	r.mu.Lock()
 	defer r.mu.Unlock()
@@ -247,18 +245,14 @@ func (r *room) join(conn *websocket.Conn) (c *client, online int) {
 }
 
 // readMessages relays the client's messages until a read fails, and says
-// why. x/net: Receive returns a frame, not a message (fragments come one by
-// one); it answers a ping there and then, taking the write lock, so a writer
-// stuck on a full socket holds up the pong and this loop too.
+// why. x/net: Receive returns a frame, not a message, and answers pings
+// itself (so a pong waits while this loop does).
 //
-// Flood control is a token bucket kept as one time: nextRead, before which
-// no frame is read. Each frame read, empty or bad ones too, moves it one
-// interval later; but it is never left more than floodBurst-1 intervals in
-// the past: that is the burst saved up. With the defaults, a client quiet for
-// a while sends 25 frames. nextRead is at now-1.9s; frames 1 to 20 move it to
-// now+0.1s, read at once; frame 21 is read at 0.1 s, 22 at 0.2 s, and so on.
-// While it waits the loop reads nothing, pings neither: TCP holds the client
-// back, and nothing is dropped.
+// Flood control is a token bucket kept as one time, nextRead: no frame is
+// read before it, and each frame read moves it one interval on. Time spent
+// quiet saves up, but no more than floodBurst-1 intervals. So with the
+// defaults a quiet client's frames 1 to 20 are read at once, 21 at +0.1 s,
+// 22 at +0.2 s... Meanwhile nothing is read: TCP holds the client back.
 func (r *room) readMessages(c *client) (reason string) {
 	var nextRead time.Time
 	for {
@@ -280,15 +274,6 @@ func (r *room) readMessages(c *client) (reason string) {
 		}
 	}
 }
-
-// textMessage is websocket.Message for strings, but refuses binary frames.
-var textMessage = websocket.Codec{Unmarshal: func(data []byte, payloadType byte, v any) error {
-	if payloadType != websocket.TextFrame {
-		return errors.New("sent a binary frame")
-	}
-	*v.(*string) = string(data)
-	return nil
-}}
 
 // broadcastMessage sends a message to everyone, its sender too, and keeps it
 // for newcomers; unless the room dropped the sender during the read.
@@ -323,7 +308,7 @@ func (r *room) broadcastLocked(ev []byte, skip *client) {
 }
 
 // enqueue queues ev for c and wakes c's writer, or reports false if the queue
-// is full. r.mu must be held: it keeps c in the room, and so c.wake open.
+// is full. r.mu must be held (see wakeWriter).
 func (r *room) enqueue(c *client, ev []byte) bool {
 	c.mu.Lock()
 	full := len(c.queue) >= r.queueLimit
@@ -347,7 +332,7 @@ func (c *client) wakeWriter() {
 // writeQueue is the client's writer. Woken, it sends what is queued, as many
 // events per frame as fit in maxFrameBytes, or the ping the clock asked for;
 // it ends once wake is closed and all is sent, or a write fails. It sets no
-// deadline (a pong would find it passed): the clock notices a write that blocks.
+// deadline: the clock notices a write that blocks (see dropLocked).
 func (r *room) writeQueue(c *client) {
 	var frame []byte // reused for every frame
 	for range c.wake {
@@ -365,7 +350,7 @@ func (r *room) writeQueue(c *client) {
 				for _, ev := range batch {
 					frame = append(frame, ev...)
 				}
-				_, err = c.conn.Write(frame[:len(frame)-1]) // one text frame; no newline after the last
+				_, err = c.conn.Write(frame[:len(frame)-1]) // x/net: one Write, one text frame
 			}
 			if err != nil {
 				r.mu.Lock()
@@ -378,9 +363,9 @@ func (r *room) writeQueue(c *client) {
 }
 
 // nextBatch takes the queued events that fit in maxFrameBytes, at least one
-// however large; the rest stay queued, in order. With none, it reports the
-// ping the clock asked for. Then it notes whether a write begins or the
-// writer is idle: writing stays true until the writer comes back for more.
+// however large; the rest stay queued, in order. Only with none queued does
+// it report a ping the clock asked for. It notes whether a write begins:
+// writing stays true until the writer comes back for more.
 func (c *client) nextBatch() (batch [][]byte, ping bool) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
@@ -401,16 +386,10 @@ func (c *client) nextBatch() (batch [][]byte, ping bool) {
 	return batch, ping
 }
 
-// pingFrame sends a ping. x/net: there is no call for it, but a Codec may
-// choose the frame type; and Receive drops the pong, so we cannot see it.
-var pingFrame = websocket.Codec{Marshal: func(any) ([]byte, byte, error) {
-	return nil, websocket.PingFrame, nil
-}}
-
 // checkWriters drops every client whose writer has been in one write for
 // writeTimeout (it reads nothing, or it is gone), and asks for a ping where
-// nothing was written for pingInterval, so that a proxy in between does not
-// cut a quiet connection. It reports false once the room is shutting down.
+// nothing was written for pingInterval, to keep proxies from cutting a quiet
+// connection. It reports false once the room is shutting down.
 func (r *room) checkWriters(now time.Time) bool {
 	r.mu.Lock()
 	defer r.mu.Unlock()
@@ -433,14 +412,13 @@ func (r *room) checkWriters(now time.Time) bool {
 }
 
 // dropLocked takes c out of the room and tells everyone left. Whoever gives
-// up on c first calls it: serveClient (the client left, or broke a rule), the
-// writer (a write failed), broadcastLocked (a full queue), the clock (a
-// blocked write) or shutdown; later calls do nothing. Its leave may find
-// other queues full, and so drop more clients (c is gone from the map first,
-// so nothing drops it twice). It cannot Close c.conn: x/net's Close waits for
-// the write lock, held by a blocked write. It sets the connection's only
-// deadlines instead: the read deadline, now, ends Receive, and the writes
-// still to come (the queue, a pong, the close frame) get closeGrace.
+// up on c first calls it: serveClient, the writer, broadcastLocked, the clock
+// or shutdown; later calls do nothing. Its leave may fill other queues, and
+// drop those clients too. It sets the connection's only deadlines: reads end
+// now, and what is still to write (the queue, a pong, the close frame) gets
+// closeGrace. None is set before, as x/net writes pongs inside Receive under
+// whatever deadline there is; and Close, which waits for x/net's write lock,
+// would hang behind a blocked write.
 func (r *room) dropLocked(c *client, reason string) {
 	if !r.clients[c] {
 		return
@@ -466,3 +444,20 @@ func (r *room) shutdown() {
 	r.mu.Unlock()
 	r.conns.Wait()
 }
+
+// Two codecs, for what x/net does not offer.
+
+// textMessage is websocket.Message for strings, but refuses binary frames.
+var textMessage = websocket.Codec{Unmarshal: func(data []byte, payloadType byte, v any) error {
+	if payloadType != websocket.TextFrame {
+		return errors.New("sent a binary frame")
+	}
+	*v.(*string) = string(data)
+	return nil
+}}
+
+// pingFrame sends a ping: x/net has no call for it, but a Codec may choose
+// the frame type. (x/net drops the pong: we cannot see it.)
+var pingFrame = websocket.Codec{Marshal: func(any) ([]byte, byte, error) {
+	return nil, websocket.PingFrame, nil
+}}
