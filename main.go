@@ -127,11 +127,10 @@ type room struct {
 	lastUID, lastMsgID int
 	history            [][]byte       // the last historySize msg events, oldest first
 	closing            bool           // shutting down: nobody may join
-	conns              sync.WaitGroup // joined connections not yet closed; Add under mu, with closing
+	conns              sync.WaitGroup // joined connections not yet closed (see join)
 }
 
-// newRoom makes a room that answers to these names too, and starts its clock:
-// checkWriters every watchEvery, until shutdown.
+// newRoom makes a room that answers to these names too, and starts its clock.
 func newRoom(names ...string) *room {
 	r := &room{limits: defaultLimits, logf: log.Printf, run: rand.Text(), clients: make(map[*client]bool)}
 	hostname, _ := os.Hostname()
@@ -150,9 +149,7 @@ func newRoom(names ...string) *room {
 	return r
 }
 
-// A client is one connection: serveClient reads from it, and the client's
-// writer writes to it. A broadcast only appends to its queue, so a client
-// that reads slowly holds up nobody else.
+// A client is one connection: serveClient reads from it, its writer writes.
 type client struct {
 	uid         int
 	conn        *websocket.Conn
@@ -179,9 +176,9 @@ func (r *room) routes() http.Handler {
 }
 
 // checkHandshake sees each upgrade request first; an error makes a 403. It
-// declines every subprotocol (x/net: it would echo one, and refuse two), and
-// refuses other sites (README, Abuse and limits): Origin, if sent, must name
-// the Host, and Host must be an IP address or ours, against DNS rebinding.
+// declines every subprotocol (x/net: it would echo one, and refuse two). It
+// refuses other sites: Origin, if sent, must name the Host, and Host must be
+// an IP address or ours, against DNS rebinding (README, Abuse and limits).
 func (r *room) checkHandshake(config *websocket.Config, req *http.Request) error {
 	config.Protocol = nil
 	host := (&url.URL{Host: req.Host}).Hostname() // no port, no brackets
@@ -205,13 +202,14 @@ func (r *room) serveClient(conn *websocket.Conn) {
 		conn.Close()
 		return
 	}
-	defer r.conns.Done()
+	defer r.conns.Done() // join did the Add
 	var writer sync.WaitGroup
 	writer.Go(func() { r.writeQueue(c) })
 	r.logf("user %d joined from %s (%d online)", c.uid, conn.Request().RemoteAddr, online)
 
 	reason := r.readMessages(c)
-	// If the room dropped c first, this does nothing, and its reason stands.
+	// If the room dropped c first, this does nothing, and its reason stands
+	// (the read then failed only because of the drop's deadline).
 	r.mu.Lock()
 	r.dropLocked(c, reason)
 	reason = c.leftBecause
@@ -221,10 +219,11 @@ func (r *room) serveClient(conn *websocket.Conn) {
 	r.logf("user %d left: %s", c.uid, reason)
 }
 
-// join gives the connection the next user id, queues hello and the history
-// for it, and tells everyone else; or returns nil, if shutting down. The
-// history is queued under the lock every broadcast takes: the live stream
-// starts exactly where it ends. (enqueue cannot fail here: 101 events at most.)
+// join gives the connection the next user id, a queue that starts with hello
+// and the history, and tells everyone else; or returns nil, if shutting down.
+// All under the lock every broadcast takes, so the live stream starts
+// exactly where the history ends. The Add is under it too, so that
+// shutdown's Wait, which comes after closing is set, never races an Add.
 func (r *room) join(conn *websocket.Conn) (c *client, online int) {
 	r.mu.Lock()
 	defer r.mu.Unlock()
@@ -233,13 +232,12 @@ func (r *room) join(conn *websocket.Conn) (c *client, online int) {
 	}
 	r.conns.Add(1)
 	r.lastUID++
-	c = &client{uid: r.lastUID, conn: conn, wake: make(chan struct{}, 1), lastWrite: time.Now()}
+	online = len(r.clients) + 1
+	hello := encode(event{Type: "hello", UID: r.lastUID, Online: online, Run: r.run, History: len(r.history)})
+	c = &client{uid: r.lastUID, conn: conn, wake: make(chan struct{}, 1), lastWrite: time.Now(),
+		queue: append([][]byte{hello}, r.history...)}
+	c.wakeWriter()
 	r.clients[c] = true
-	online = len(r.clients)
-	r.enqueue(c, encode(event{Type: "hello", UID: c.uid, Online: online, Run: r.run, History: len(r.history)}))
-	for _, ev := range r.history {
-		r.enqueue(c, ev)
-	}
 	r.broadcastLocked(encode(event{Type: "join", UID: c.uid, Online: online}), c)
 	return c, online
 }
@@ -249,10 +247,11 @@ func (r *room) join(conn *websocket.Conn) (c *client, online int) {
 // itself (so a pong waits while this loop does).
 //
 // Flood control is a token bucket kept as one time, nextRead: no frame is
-// read before it, and each frame read moves it one interval on. Time spent
-// quiet saves up, but no more than floodBurst-1 intervals. So with the
-// defaults a quiet client's frames 1 to 20 are read at once, 21 at +0.1 s,
-// 22 at +0.2 s... Meanwhile nothing is read: TCP holds the client back.
+// read before it, and each frame read, empty or not, moves it one interval
+// on. Time spent waiting for the client saves up (earliest is taken after
+// Receive), but no more than floodBurst-1 intervals. So with the defaults a
+// quiet client's frames 1 to 20 are read at once, 21 at +0.1 s, 22 at +0.2 s.
+// Meanwhile nothing is read: TCP holds the client back.
 func (r *room) readMessages(c *client) (reason string) {
 	var nextRead time.Time
 	for {
@@ -331,8 +330,7 @@ func (c *client) wakeWriter() {
 
 // writeQueue is the client's writer. Woken, it sends what is queued, as many
 // events per frame as fit in maxFrameBytes, or the ping the clock asked for;
-// it ends once wake is closed and all is sent, or a write fails. It sets no
-// deadline: the clock notices a write that blocks (see dropLocked).
+// it ends once wake is closed and all is sent, or a write fails.
 func (r *room) writeQueue(c *client) {
 	var frame []byte // reused for every frame
 	for range c.wake {
@@ -350,7 +348,8 @@ func (r *room) writeQueue(c *client) {
 				for _, ev := range batch {
 					frame = append(frame, ev...)
 				}
-				_, err = c.conn.Write(frame[:len(frame)-1]) // x/net: one Write, one text frame
+				// Without the last event's newline; x/net: one Write is one text frame.
+				_, err = c.conn.Write(frame[:len(frame)-1])
 			}
 			if err != nil {
 				r.mu.Lock()
@@ -364,8 +363,9 @@ func (r *room) writeQueue(c *client) {
 
 // nextBatch takes the queued events that fit in maxFrameBytes, at least one
 // however large; the rest stay queued, in order. Only with none queued does
-// it report a ping the clock asked for. It notes whether a write begins:
-// writing stays true until the writer comes back for more.
+// it report a ping the clock asked for: any write keeps a connection alive.
+// It notes whether a write begins: writing stays true until the writer comes
+// back for more.
 func (c *client) nextBatch() (batch [][]byte, ping bool) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
@@ -414,11 +414,14 @@ func (r *room) checkWriters(now time.Time) bool {
 // dropLocked takes c out of the room and tells everyone left. Whoever gives
 // up on c first calls it: serveClient, the writer, broadcastLocked, the clock
 // or shutdown; later calls do nothing. Its leave may fill other queues, and
-// drop those clients too. It sets the connection's only deadlines: reads end
-// now, and what is still to write (the queue, a pong, the close frame) gets
-// closeGrace. None is set before, as x/net writes pongs inside Receive under
-// whatever deadline there is; and Close, which waits for x/net's write lock,
-// would hang behind a blocked write.
+// drop those clients too.
+//
+// It ends c's goroutines with the only deadlines the connection ever gets:
+// reads end now, and what is still to write (the queue, a pong, the close
+// frame) gets closeGrace. Not with Close: x/net's Close waits for its write
+// lock, so it would hang behind a blocked write. And none before: x/net
+// writes pongs inside Receive under whatever deadline is set, so one left by
+// an old write would fail them (and one per write costs two timer changes).
 func (r *room) dropLocked(c *client, reason string) {
 	if !r.clients[c] {
 		return
@@ -444,8 +447,6 @@ func (r *room) shutdown() {
 	r.mu.Unlock()
 	r.conns.Wait()
 }
-
-// Two codecs, for what x/net does not offer.
 
 // textMessage is websocket.Message for strings, but refuses binary frames.
 var textMessage = websocket.Codec{Unmarshal: func(data []byte, payloadType byte, v any) error {
