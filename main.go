@@ -101,7 +101,7 @@ type event struct {
 }
 
 // encode makes ev one line of JSON, newline included: lines separate events
-// in a frame. HTML is not escaped (the page shows text, never HTML), but
+// in a frame (JSON escapes a newline inside a string). HTML is not escaped (the page shows text, never HTML), but
 // control characters are: a 4096-byte message of them takes 24 KB, the
 // largest event, which goes alone in its frame.
 func encode(ev event) []byte {
@@ -160,7 +160,7 @@ type client struct {
 	queue     [][]byte  // encoded events the writer has not taken yet
 	pingDue   bool      // the room's clock asks the writer for a ping
 	writing   bool      // the writer is in a write (see nextBatch)
-	lastWrite time.Time // when the latest write began
+	lastWrite time.Time // when the latest write began: stuck since, or idle since
 }
 
 // routes serves the page and the chat.
@@ -186,9 +186,10 @@ func (r *room) checkHandshake(config *websocket.Config, req *http.Request) error
 		r.logf("refused a WebSocket for Host %q: if that is this server, run it with -host %s", req.Host, host)
 		return errors.New("not this server")
 	}
-	origin := req.Header.Get("Origin")
-	if u, err := url.Parse(origin); origin != "" && (err != nil || !strings.EqualFold(u.Host, req.Host)) {
-		return errors.New("another site")
+	if origin := req.Header.Get("Origin"); origin != "" { // none: not a browser
+		if u, err := url.Parse(origin); err != nil || !strings.EqualFold(u.Host, req.Host) {
+			return errors.New("another site")
+		}
 	}
 	return nil
 }
@@ -255,7 +256,7 @@ func (r *room) join(conn *websocket.Conn) (c *client, online int) {
 func (r *room) readMessages(c *client) (reason string) {
 	var nextRead time.Time
 	for {
-		time.Sleep(time.Until(nextRead)) // at most one interval
+		time.Sleep(time.Until(nextRead)) // at most one interval: each frame moves nextRead by one
 		var text string
 		err := textMessage.Receive(c.conn, &text)
 		earliest := time.Now().Add(-time.Duration(r.floodBurst-1) * r.floodInterval)
@@ -265,7 +266,7 @@ func (r *room) readMessages(c *client) (reason string) {
 		nextRead = nextRead.Add(r.floodInterval)
 		if errors.Is(err, io.EOF) {
 			return "closed the connection"
-		} else if err != nil {
+		} else if err != nil { // too large (MaxPayloadBytes), binary (textMessage), a drop, a network error
 			return err.Error()
 		}
 		if text = strings.TrimSpace(text); text != "" {
@@ -332,8 +333,8 @@ func (c *client) wakeWriter() {
 // events per frame as fit in maxFrameBytes, or the ping the clock asked for;
 // it ends once wake is closed and all is sent, or a write fails.
 func (r *room) writeQueue(c *client) {
-	var frame []byte // reused for every frame
-	for range c.wake {
+	var frame []byte   // reused for every frame
+	for range c.wake { // once closed, wake still hands over a pending wake: the queue is sent
 		runtime.Gosched() // only for speed: broadcasts under way queue more, frames are fuller
 		for {
 			batch, ping := c.nextBatch()
