@@ -409,7 +409,6 @@ func stallWriter(t testing.TB, r *room, talker *testClient, uid, n int) (sent, w
 
 func TestPageAndRoutes(t *testing.T) {
 	_, srv := startServer(t, nil)
-
 	resp, err := http.Get(srv.URL + "/")
 	if err != nil {
 		t.Fatal(err)
@@ -519,7 +518,6 @@ func TestMessagesAreTrimmedAndEmptyOnesIgnored(t *testing.T) {
 	_, srv := startServer(t, nil)
 	alice := dial(t, srv, "alice")
 	alice.expect(hello(1, 1))
-
 	alice.say("  \t hi there \n ")
 	alice.expect(msg(1, "hi there"))
 	alice.say("")
@@ -633,12 +631,10 @@ func TestPings(t *testing.T) {
 	conn.Write(clientFrame(websocket.PingFrame, "are you there?"))
 	expectFrame(websocket.PongFrame, "are you there?")
 	t.Log("after a quiet spell, the client's ping got its pong")
-
 	r.checkWriters(time.Now().Add(r.pingInterval))
 	expectFrame(websocket.PingFrame, "")
 	t.Log("the room's clock, a ping interval on: a ping, which the client ignores")
 	say("still here")
-
 	t.Log("as if the last write were 20 s old; then a message, and the clock 15 s on")
 	c := r.serverSide(1)
 	c.mu.Lock()
@@ -687,8 +683,18 @@ func TestPingingWithoutReadingIsHarmless(t *testing.T) {
 		alice.say(fmt.Sprint(i))
 		alice.expect(msg(1, fmt.Sprint(i)))
 	}
-	t.Log("a write to the pinger is in progress; the room's clock comes round writeTimeout later")
-	r.checkWriters(time.Now().Add(r.writeTimeout))
+	t.Log("a write to the pinger is in progress; as if it began writeTimeout ago, the clock comes round")
+	waitFor(t, "the clock to drop the pinger", func() bool { // only the pinger's write is aged
+		c := r.serverSide(2)
+		if c == nil {
+			return true
+		}
+		c.mu.Lock()
+		c.lastWrite = time.Now().Add(-r.writeTimeout)
+		c.mu.Unlock()
+		r.checkWriters(time.Now())
+		return false
+	})
 	alice.expect(leave(2, 1))
 	waitFor(t, "the pinger's read loop to end", func() bool { return logs.contains("user 2 left: too slow: a write blocked") })
 	alice.say("still here")
@@ -866,7 +872,6 @@ func TestSameOrderEverywhere(t *testing.T) {
 		names = append(names, fmt.Sprintf("user %d", i+1))
 	}
 	users := joinRoom(t, srv, names...)
-
 	t.Logf("%d users each send %d messages, all at once", clients, perClient)
 	received := make([][]event, clients)
 	var wg sync.WaitGroup
@@ -888,7 +893,6 @@ func TestSameOrderEverywhere(t *testing.T) {
 		})
 	}
 	wg.Wait()
-
 	for i := range users {
 		if !slices.Equal(received[i], received[0]) {
 			t.Fatalf("user %d saw a different order than user 1", i+1)
@@ -1011,7 +1015,6 @@ func TestDroppedClientSpeaksNoMore(t *testing.T) {
 	alice := joinRoom(t, srv, "alice")[0]
 	mallory, br := rawJoin(t, srv.Listener.Addr().String())
 	alice.expect(join(2, 2))
-
 	t.Log("mallory sends two messages in one TCP write")
 	mallory.Write(append(clientFrame(websocket.TextFrame, "first"), clientFrame(websocket.TextFrame, "second")...))
 	alice.expect(msg(2, "first"))
@@ -1047,7 +1050,6 @@ func TestBlockedLogDoesNotStallTheRoom(t *testing.T) {
 	t.Cleanup(func() { close(unblock) }) // before the server's cleanup, which waits for the log
 	users := joinRoom(t, srv, "alice", "bob", "carol")
 	alice, bob, carol := users[0], users[1], users[2]
-
 	bob.conn.Close()
 	alice.expect(leave(2, 2))
 	carol.expect(leave(2, 2))
@@ -1142,7 +1144,6 @@ func TestFloodIsThrottledNotDropped(t *testing.T) {
 	_, srv := startServer(t, func(r *room) { r.floodBurst, r.floodInterval = burst, interval })
 	users := joinRoom(t, srv, "flooder", "alice")
 	flooder, alice := users[0], users[1]
-
 	t.Logf("the flooder sends %d messages at full speed; the limit is %d at once, then one per %v", total, burst, interval)
 	start := time.Now()
 	sent := make(chan error, 1)
@@ -1186,7 +1187,6 @@ func TestFloodIsThrottledNotDropped(t *testing.T) {
 		t.Fatalf("all %d messages arrived in %v: faster than the limit allows (%v)", total, elapsed, minimum)
 	}
 	t.Logf("all %d of the flood arrived, in order, over %v", total, elapsed.Round(time.Millisecond))
-
 	if err := <-sent; err != nil {
 		t.Fatal(err)
 	}
@@ -1283,7 +1283,6 @@ func TestMainStopsCleanlyOnSignal(t *testing.T) {
 	p := startMain(t, "-addr", "127.0.0.1:0")
 	t.Logf("main is listening on %s", p.addr)
 	_, br := rawJoin(t, p.addr)
-
 	start := time.Now()
 	p.cmd.Process.Signal(os.Interrupt)
 	exited := make(chan error, 1)
