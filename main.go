@@ -5,6 +5,8 @@
 package main
 
 import (
+	"bufio"
+	"bytes"
 	"crypto/rand"
 	_ "embed"
 	"encoding/json"
@@ -21,6 +23,7 @@ import (
 	"runtime"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"time"
 
@@ -35,20 +38,21 @@ const (
 	maxFrameBytes   = 16 << 10    // events share a frame up to this; a larger one goes alone
 	historySize     = 100         // messages kept for newcomers
 	closeGrace      = time.Second // after a drop, for the last writes and the close frame
-	watchEvery      = time.Second // how often the room's clock looks at every writer
+	watchEvery      = time.Second // how often the room's clock looks at every client
 )
 
 // limits are a room's rules; tests lower them on their own room.
 type limits struct {
 	queueLimit    int           // events waiting for one client; one more and it is too slow
-	writeTimeout  time.Duration // a write blocked this long: the client is too slow, or gone
-	pingInterval  time.Duration // nothing written to a client for this long: ping it
+	pingAfter     time.Duration // nothing heard from a client for this long: ping it
+	dropAfter     time.Duration // nothing heard for this long, not even a pong: it is gone
 	floodBurst    int           // messages a client may send at once...
 	floodInterval time.Duration // ...and then one per interval
+	headerTimeout time.Duration // for a request's headers to come in
 }
 
-var defaultLimits = limits{queueLimit: 4096, writeTimeout: 10 * time.Second,
-	pingInterval: 30 * time.Second, floodBurst: 20, floodInterval: time.Second / 10}
+var defaultLimits = limits{queueLimit: 4096, pingAfter: 30 * time.Second, dropAfter: time.Minute,
+	floodBurst: 20, floodInterval: time.Second / 10, headerTimeout: 10 * time.Second}
 
 func main() {
 	addr := flag.String("addr", ":8080", "`host:port` to listen on; :0 picks a free port")
@@ -62,7 +66,7 @@ func main() {
 	printURLs(os.Stdout, ln.Addr().(*net.TCPAddr))
 
 	r := newRoom(strings.Fields(strings.ReplaceAll(*hosts, ",", " "))...)
-	srv := &http.Server{Handler: r.routes(), ReadHeaderTimeout: 10 * time.Second}
+	srv := r.server()
 	stop := make(chan os.Signal, 1)
 	signal.Notify(stop, os.Interrupt, syscall.SIGTERM)
 	go func() { <-stop; signal.Stop(stop); srv.Close() }() // a second Ctrl-C kills at once
@@ -100,16 +104,16 @@ type event struct {
 	History int    `json:"history,omitempty"` // hello: this many msg events follow
 }
 
-// encode makes ev one line of JSON, newline included: lines separate events
-// in a frame (JSON escapes a newline inside a string). HTML is not escaped (the page shows text, never HTML), but
-// control characters are: a 4096-byte message of them takes 24 KB, the
-// largest event, which goes alone in its frame.
+// encode makes ev one line of JSON: lines separate events in a frame (JSON
+// escapes a newline inside a string). HTML is not escaped (the page shows
+// text, never HTML), but control characters are: a 4096-byte message of them
+// takes 24 KB, the largest event, which goes alone in its frame.
 func encode(ev event) []byte {
-	var line strings.Builder
+	var line bytes.Buffer
 	enc := json.NewEncoder(&line)
 	enc.SetEscapeHTML(false)
 	enc.Encode(ev) // cannot fail on strings and ints
-	return []byte(line.String())
+	return bytes.TrimSuffix(line.Bytes(), []byte("\n"))
 }
 
 // A room is the set of connected clients. The lock rule: r.mu guards the
@@ -141,7 +145,7 @@ func newRoom(names ...string) *room {
 	}
 	go func() {
 		for now := range time.Tick(watchEvery) {
-			if !r.checkWriters(now) {
+			if !r.checkClients(now) {
 				return
 			}
 		}
@@ -152,35 +156,35 @@ func newRoom(names ...string) *room {
 // A client is one connection: serveClient reads from it, its writer writes.
 type client struct {
 	uid         int
-	conn        *websocket.Conn
+	conn        *wsConn
 	wake        chan struct{} // one slot: "there is something to send"; closed by the drop
 	leftBecause string        // set by the drop
+	pingedAt    time.Time     // the clock's last ping (guarded by r.mu)
 
-	mu        sync.Mutex
-	queue     [][]byte  // encoded events the writer has not taken yet
-	pingDue   bool      // the room's clock asks the writer for a ping
-	writing   bool      // the writer is in a write (see nextBatch)
-	lastWrite time.Time // when the latest write began: stuck since, or idle since
+	mu      sync.Mutex
+	queue   [][]byte // encoded events the writer has not taken yet
+	pingDue bool     // the room's clock asks the writer for a ping
 }
 
-// routes serves the page and the chat.
-func (r *room) routes() http.Handler {
+// server serves the page and the chat. A request's headers must be in
+// within headerTimeout, or a client sending a byte at a time holds a
+// connection forever.
+func (r *room) server() *http.Server {
 	mux := http.NewServeMux()
 	mux.HandleFunc("GET /{$}", func(w http.ResponseWriter, _ *http.Request) {
 		w.Header().Set("Content-Type", "text/html; charset=utf-8")
 		w.Write(indexHTML)
 	})
-	// x/net: not websocket.Handler, which refuses clients without Origin.
-	mux.Handle("GET /ws", websocket.Server{Handshake: r.checkHandshake, Handler: r.serveClient})
-	return mux
+	mux.HandleFunc("GET /ws", func(w http.ResponseWriter, req *http.Request) {
+		upgrade(w, req, r.checkHandshake, r.serveClient)
+	})
+	return &http.Server{Handler: mux, ReadHeaderTimeout: r.headerTimeout}
 }
 
 // checkHandshake sees each upgrade request first; an error makes a 403. It
-// declines every subprotocol (x/net: it would echo one, and refuse two). It
 // refuses other sites: Origin, if sent, must name the Host, and Host must be
 // an IP address or ours, against DNS rebinding (README, Abuse and limits).
-func (r *room) checkHandshake(config *websocket.Config, req *http.Request) error {
-	config.Protocol = nil
+func (r *room) checkHandshake(req *http.Request) error {
 	host := (&url.URL{Host: req.Host}).Hostname() // no port, no brackets
 	if net.ParseIP(host) == nil && !r.hosts[strings.ToLower(host)] {
 		r.logf("refused a WebSocket for Host %q: if that is this server, run it with -host %s", req.Host, host)
@@ -196,8 +200,7 @@ func (r *room) checkHandshake(config *websocket.Config, req *http.Request) error
 
 // serveClient is one connection's whole life. x/net: it calls this after the
 // handshake and closes TCP when it returns, so we wait for the writer first.
-func (r *room) serveClient(conn *websocket.Conn) {
-	conn.MaxPayloadBytes = maxMessageBytes // x/net's default is 32 MB
+func (r *room) serveClient(conn *wsConn) {
 	c, online := r.join(conn)
 	if c == nil { // shutting down: a close frame, and that is all
 		conn.Close()
@@ -225,7 +228,7 @@ func (r *room) serveClient(conn *websocket.Conn) {
 // All under the lock every broadcast takes, so the live stream starts
 // exactly where the history ends. The Add is under it too, so that
 // shutdown's Wait, which comes after closing is set, never races an Add.
-func (r *room) join(conn *websocket.Conn) (c *client, online int) {
+func (r *room) join(conn *wsConn) (c *client, online int) {
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	if r.closing {
@@ -235,7 +238,7 @@ func (r *room) join(conn *websocket.Conn) (c *client, online int) {
 	r.lastUID++
 	online = len(r.clients) + 1
 	hello := encode(event{Type: "hello", UID: r.lastUID, Online: online, Run: r.run, History: len(r.history)})
-	c = &client{uid: r.lastUID, conn: conn, wake: make(chan struct{}, 1), lastWrite: time.Now(),
+	c = &client{uid: r.lastUID, conn: conn, wake: make(chan struct{}, 1),
 		queue: append([][]byte{hello}, r.history...)}
 	c.wakeWriter()
 	r.clients[c] = true
@@ -258,7 +261,7 @@ func (r *room) readMessages(c *client) (reason string) {
 	for {
 		time.Sleep(time.Until(nextRead)) // at most one interval: each frame moves nextRead by one
 		var text string
-		err := textMessage.Receive(c.conn, &text)
+		err := textMessage.Receive(c.conn.Conn, &text)
 		earliest := time.Now().Add(-time.Duration(r.floodBurst-1) * r.floodInterval)
 		if nextRead.Before(earliest) {
 			nextRead = earliest
@@ -329,28 +332,22 @@ func (c *client) wakeWriter() {
 	}
 }
 
-// writeQueue is the client's writer. Woken, it sends what is queued, as many
-// events per frame as fit in maxFrameBytes, or the ping the clock asked for;
-// it ends once wake is closed and all is sent, or a write fails.
+// writeQueue is the client's writer. Woken, it sends the ping the clock
+// asked for, then what is queued, as many events per frame as fit in
+// maxFrameBytes; it ends once wake is closed and all is sent, or a write fails.
 func (r *room) writeQueue(c *client) {
-	var frame []byte   // reused for every frame
 	for range c.wake { // once closed, wake still hands over a pending wake: the queue is sent
 		runtime.Gosched() // only for speed: broadcasts under way queue more, frames are fuller
 		for {
-			batch, ping := c.nextBatch()
-			if len(batch) == 0 && !ping {
-				break // all sent: wait to be woken
-			}
+			ping, batch := c.nextBatch()
 			var err error
 			if ping {
-				err = pingFrame.Send(c.conn, nil)
+				err = pingFrame.Send(c.conn.Conn, nil)
+			} else if len(batch) > 0 {
+				// x/net: one Write is one text frame.
+				_, err = c.conn.Write(bytes.Join(batch, []byte("\n")))
 			} else {
-				frame = frame[:0]
-				for _, ev := range batch {
-					frame = append(frame, ev...)
-				}
-				// Without the last event's newline; x/net: one Write is one text frame.
-				_, err = c.conn.Write(frame[:len(frame)-1])
+				break // all sent: wait to be woken
 			}
 			if err != nil {
 				r.mu.Lock()
@@ -362,52 +359,50 @@ func (r *room) writeQueue(c *client) {
 	}
 }
 
-// nextBatch takes the queued events that fit in maxFrameBytes, at least one
-// however large; the rest stay queued, in order. Only with none queued does
-// it report a ping the clock asked for: any write keeps a connection alive.
-// It notes whether a write begins: writing stays true until the writer comes
-// back for more.
-func (c *client) nextBatch() (batch [][]byte, ping bool) {
+// nextBatch reports a ping the clock asked for, ahead of the queue: a client
+// that reads slowly through a long queue still answers it in time. Otherwise
+// it takes the queued events that fit in maxFrameBytes, at least one however
+// large; the rest stay queued, in order.
+func (c *client) nextBatch() (ping bool, batch [][]byte) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
+	if c.pingDue {
+		c.pingDue = false
+		return true, nil
+	}
 	n, size := 0, 0
 	for n < len(c.queue) && (n == 0 || size+len(c.queue[n]) <= maxFrameBytes) {
-		size += len(c.queue[n])
+		size += len(c.queue[n]) + 1 // and a newline
 		n++
 	}
 	if batch, c.queue = c.queue[:n], c.queue[n:]; len(c.queue) == 0 {
 		c.queue = nil // so the memory of the events sent can go
 	}
-	ping = n == 0 && c.pingDue
-	c.pingDue = false
-	c.writing = n > 0 || ping
-	if c.writing {
-		c.lastWrite = time.Now()
-	}
-	return batch, ping
+	return false, batch
 }
 
-// checkWriters drops every client whose writer has been in one write for
-// writeTimeout (it reads nothing, or it is gone), and asks for a ping where
-// nothing was written for pingInterval, to keep proxies from cutting a quiet
-// connection. It reports false once the room is shutting down.
-func (r *room) checkWriters(now time.Time) bool {
+// checkClients is the room's clock. A client not heard from for pingAfter
+// gets a ping, one each pingAfter; one not heard from for dropAfter, not even
+// a pong, is gone: it stopped reading, or vanished. It reports false once the
+// room is shutting down.
+func (r *room) checkClients(now time.Time) bool {
 	r.mu.Lock()
 	defer r.mu.Unlock()
-	var stuck []*client
+	var silent []*client
 	for c := range r.clients {
-		c.mu.Lock()
-		since := now.Sub(c.lastWrite)
-		if c.writing && since >= r.writeTimeout {
-			stuck = append(stuck, c)
-		} else if !c.writing && since >= r.pingInterval {
+		quiet := now.Sub(c.conn.lastHeard())
+		if quiet >= r.dropAfter {
+			silent = append(silent, c)
+		} else if quiet >= r.pingAfter && now.Sub(c.pingedAt) >= r.pingAfter {
+			c.pingedAt = now
+			c.mu.Lock()
 			c.pingDue = true
+			c.mu.Unlock()
 			c.wakeWriter()
 		}
-		c.mu.Unlock()
 	}
-	for _, c := range stuck { // not in the loop: a drop takes every client's lock
-		r.dropLocked(c, fmt.Sprintf("too slow: a write blocked for %v", r.writeTimeout))
+	for _, c := range silent { // not in the loop: a drop takes every client's lock
+		r.dropLocked(c, fmt.Sprintf("no answer to pings for %.0f s", r.dropAfter.Seconds()))
 	}
 	return !r.closing
 }
@@ -459,7 +454,68 @@ var textMessage = websocket.Codec{Unmarshal: func(data []byte, payloadType byte,
 }}
 
 // pingFrame sends a ping: x/net has no call for it, but a Codec may choose
-// the frame type. (x/net drops the pong: we cannot see it.)
+// the frame type.
 var pingFrame = websocket.Codec{Marshal: func(any) ([]byte, byte, error) {
 	return nil, websocket.PingFrame, nil
 }}
+
+// A wsConn is a WebSocket connection that knows when its client was last
+// heard from. x/net reads a pong inside Receive and drops it, so we cannot see
+// one; but every byte it reads comes through the *bufio.Reader it is handed
+// with the connection, and upgrade hands it one that reads through Read.
+type wsConn struct {
+	*websocket.Conn
+	r     io.Reader    // the connection, for Read
+	heard atomic.Int64 // when a byte last arrived, as time since started
+}
+
+var started = time.Now() // a time.Time cannot be atomic; time since this keeps the monotonic clock
+
+func (c *wsConn) hear()                { c.heard.Store(int64(time.Since(started))) }
+func (c *wsConn) lastHeard() time.Time { return started.Add(time.Duration(c.heard.Load())) }
+
+func (c *wsConn) Read(p []byte) (int, error) {
+	n, err := c.r.Read(p)
+	if n > 0 {
+		c.hear()
+	}
+	return n, err
+}
+
+// upgrade takes the connection from net/http (Hijack), and serves it as a
+// WebSocket, if check allows it, in a goroutine of its own: so net/http's
+// goroutine for the request, and its buffers, go at once. x/net: not
+// websocket.Handler, which refuses clients without Origin; and every
+// subprotocol is declined (x/net would echo one, and refuse two).
+func upgrade(w http.ResponseWriter, req *http.Request, check func(*http.Request) error, serve func(*wsConn)) {
+	netConn, rw, err := http.NewResponseController(w).Hijack()
+	if err != nil {
+		return // cannot happen: an HTTP/1 connection
+	}
+	early, _ := rw.Reader.Peek(rw.Reader.Buffered()) // what the client sent behind the request
+	conn := &wsConn{r: io.MultiReader(bytes.NewReader(bytes.Clone(early)), netConn)}
+	conn.hear()
+	taken := hijacked{netConn, bufio.NewReadWriter(bufio.NewReaderSize(conn, 512), rw.Writer)}
+	go websocket.Server{
+		Handshake: func(config *websocket.Config, req *http.Request) error {
+			config.Protocol = nil
+			return check(req)
+		},
+		Handler: func(ws *websocket.Conn) {
+			ws.MaxPayloadBytes = maxMessageBytes // x/net's default is 32 MB
+			conn.Conn = ws
+			serve(conn)
+		},
+	}.ServeHTTP(taken, req)
+}
+
+// hijacked is a connection taken from net/http, as x/net takes it: by
+// calling Hijack on the http.ResponseWriter it is given.
+type hijacked struct {
+	net.Conn
+	rw *bufio.ReadWriter
+}
+
+func (h hijacked) Header() http.Header                          { return nil }
+func (h hijacked) WriteHeader(int)                              {}
+func (h hijacked) Hijack() (net.Conn, *bufio.ReadWriter, error) { return h.Conn, h.rw, nil }

@@ -40,7 +40,8 @@ func startServer(t testing.TB, change func(*room)) (*room, *httptest.Server) {
 		change(r)
 		r.mu.Unlock()
 	}
-	srv := httptest.NewUnstartedServer(r.routes())
+	srv := httptest.NewUnstartedServer(nil)
+	srv.Config = r.server()
 	srv.Listener = &connCounter{Listener: srv.Listener} // see TestShutdownClosesEveryConnection
 	srv.Start()
 	t.Cleanup(func() {
@@ -100,19 +101,54 @@ func joinRoom(t testing.TB, srv *httptest.Server, names ...string) []*testClient
 }
 
 // read returns the next event, waiting at most 5 s. It checks the format on
-// the way: one JSON object per line, with no field the protocol lacks.
+// the way: one JSON object per line, with exactly the fields that the README's
+// protocol table gives its type.
 func (tc *testClient) read() (event, error) {
 	line, err := tc.readLine()
 	if err != nil {
 		return event{}, err
 	}
 	var ev event
-	dec := json.NewDecoder(strings.NewReader(line))
-	dec.DisallowUnknownFields()
-	if err := dec.Decode(&ev); err != nil {
+	if err := checkFields(line, &ev); err != nil {
 		return event{}, fmt.Errorf("%s: bad line %q: %v", tc.name, line, err)
 	}
 	return ev, nil
+}
+
+// protocolFields are the README's protocol table: each event type's fields,
+// and which of them may be left out (hello's history, when it is 0).
+var protocolFields = map[string]struct{ all, optional []string }{
+	"hello": {[]string{"type", "uid", "online", "run", "history"}, []string{"history"}},
+	"join":  {[]string{"type", "uid", "online"}, nil},
+	"leave": {[]string{"type", "uid", "online"}, nil},
+	"msg":   {[]string{"type", "id", "uid", "msg"}, nil},
+}
+
+// checkFields decodes line into ev, and fails unless it has exactly the
+// fields its type is given: no "id":0 in a hello, no msg without an id.
+func checkFields(line string, ev *event) error {
+	var fields map[string]json.RawMessage
+	if err := json.Unmarshal([]byte(line), &fields); err != nil {
+		return err
+	}
+	if err := json.Unmarshal([]byte(line), ev); err != nil {
+		return err
+	}
+	want, ok := protocolFields[ev.Type]
+	if !ok {
+		return fmt.Errorf("no event type %q", ev.Type)
+	}
+	for name := range fields {
+		if !slices.Contains(want.all, name) {
+			return fmt.Errorf("a %s event has no field %q", ev.Type, name)
+		}
+	}
+	for _, name := range want.all {
+		if _, ok := fields[name]; !ok && !slices.Contains(want.optional, name) {
+			return fmt.Errorf("a %s event needs the field %q", ev.Type, name)
+		}
+	}
+	return nil
 }
 
 // readLine returns the next event as the bytes that came.
@@ -337,6 +373,7 @@ func (l *connCounter) Accept() (net.Conn, error) {
 		return nil, err
 	}
 	l.open.Add(1)
+	conn.(*net.TCPConn).SetWriteBuffer(32 << 10) // see stallWriter
 	return &countedConn{Conn: conn, open: &l.open}, nil
 }
 
@@ -359,6 +396,14 @@ func (l *logRecorder) logf(format string, args ...any) {
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	l.lines = append(l.lines, line)
+}
+
+// Write records the log of a child process.
+func (l *logRecorder) Write(p []byte) (int, error) {
+	for _, line := range strings.Split(strings.TrimSuffix(string(p), "\n"), "\n") {
+		l.logf("%s", line)
+	}
+	return len(p), nil
 }
 
 func (l *logRecorder) contains(s string) bool {
@@ -385,7 +430,9 @@ func waitFor(t testing.TB, what string, cond func() bool) {
 // stallWriter has talker send 4 KB messages, reading each back, until at
 // least n events wait for the user with id uid, who reads nothing: that
 // user's socket buffers are full and its writer is blocked in a write. It
-// returns how many messages talker sent, and how many events wait.
+// returns how many messages talker sent, and how many events wait. The
+// server's send buffers are capped (connCounter's Accept), as on a slow
+// link: a few hundred KB fill them, not several MB.
 func stallWriter(t testing.TB, r *room, talker *testClient, uid, n int) (sent, waiting int) {
 	t.Helper()
 	for ; waiting < n; waiting = r.queued(uid) {
@@ -603,101 +650,196 @@ func TestEverySubprotocolIsDeclined(t *testing.T) {
 	}
 }
 
-// x/net answers a client's ping inside Receive, under whatever write
-// deadline the connection has: one long after the last write must get its
-// pong. And the server pings a client it has written nothing to for
-// pingInterval, so that a proxy in between does not cut the quiet connection;
-// a write resets that. The test runs the room's clock by hand, at made-up times.
-func TestPings(t *testing.T) {
-	r, srv := startServer(t, func(r *room) { r.writeTimeout = 100 * time.Millisecond })
-	conn, br := rawJoin(t, srv.Listener.Addr().String())
-	expectFrame := func(opcode byte, contains string) {
-		t.Helper()
-		got, payload, err := readRawFrame(br)
-		if err != nil || got != opcode || !strings.Contains(string(payload), contains) {
-			t.Fatalf("got opcode %d %q (%v), want opcode %d with %q", got, payload, err, opcode, contains)
-		}
-	}
-	say := func(text string) {
-		t.Helper()
-		conn.Write(clientFrame(websocket.TextFrame, text))
-		expectFrame(websocket.TextFrame, `"msg":"`+text+`"`)
-	}
-	say("hi")
-	quietUntil := time.Now().Add(3 * r.writeTimeout) // past any deadline a write might leave
-	waitFor(t, "a quiet spell", func() bool { return time.Now().After(quietUntil) })
-	conn.Write(clientFrame(websocket.PingFrame, "are you there?"))
-	expectFrame(websocket.PongFrame, "are you there?")
-	t.Log("after a quiet spell, the client's ping got its pong")
-	r.mu.Lock()
-	r.writeTimeout = time.Hour // from here on, a write in progress is never stuck
-	r.mu.Unlock()
-	r.checkWriters(time.Now().Add(r.pingInterval))
-	expectFrame(websocket.PingFrame, "")
-	t.Log("the room's clock, a ping interval on: a ping, which the client ignores")
-	say("still here")
-	t.Log("as if the last write were 20 s old; then a message, and the clock 15 s on")
-	c := r.serverSide(1)
-	c.mu.Lock()
-	c.lastWrite = c.lastWrite.Add(-20 * time.Second)
-	c.mu.Unlock()
-	say("and again")
-	r.checkWriters(time.Now().Add(15 * time.Second))
-	c.mu.Lock()
-	pingDue := c.pingDue
-	c.mu.Unlock()
-	if say("no ping"); pingDue {
-		t.Fatal("a ping was asked for 15 s after a write")
+// ---- Liveness: pings and pongs ----
+
+// lastHeard is when the server last heard from the user with this id.
+func (r *room) lastHeard(uid int) time.Time { return r.serverSide(uid).conn.lastHeard() }
+
+// expectFrame reads one raw frame, and fails unless it has this opcode and
+// its payload contains this text.
+func expectFrame(t testing.TB, br *bufio.Reader, opcode byte, contains string) {
+	t.Helper()
+	got, payload, err := readRawFrame(br)
+	if err != nil || got != opcode || !strings.Contains(string(payload), contains) {
+		t.Fatalf("got opcode %d %q (%v), want opcode %d with %q", got, short(string(payload)), err, opcode, contains)
 	}
 }
 
-// A client that floods pings and reads nothing piles up pongs, which the
-// server's read loop writes, competing with the writer for x/net's write
-// lock. The others must not notice; the pinger goes once the room's clock
-// finds a write to it in progress for writeTimeout, and its goroutines end.
-func TestPingingWithoutReadingIsHarmless(t *testing.T) {
+// A client that reads but answers no ping (a raw socket answers nothing by
+// itself) is pinged once pingAfter after it was last heard, not again at
+// every tick of the clock, and dropped at dropAfter, not a second before;
+// everyone else hears its leave once. The test runs the room's clock by
+// hand, at made-up times.
+func TestUnansweredPingsDropAClientAfterAMinute(t *testing.T) {
+	logs := &logRecorder{t: t}
+	r, srv := startServer(t, func(r *room) { r.logf = logs.logf })
+	users := joinRoom(t, srv, "alice", "bob")
+	alice, bob := users[0], users[1]
+	_, mute := rawJoin(t, srv.Listener.Addr().String())
+	alice.expect(join(3, 3))
+	bob.expect(join(3, 3))
+	heard := r.lastHeard(3)
+	clockAt := func(seconds int) { r.checkClients(heard.Add(time.Duration(seconds) * time.Second)) }
+	say := func(uid int, text string) { // and everyone hears it next
+		t.Helper()
+		users[uid-1].say(text)
+		alice.expect(msg(uid, text))
+		bob.expect(msg(uid, text))
+		expectFrame(t, mute, websocket.TextFrame, text)
+	}
+	say(1, "hi") // alice and bob, heard after the mute client, stay
+	say(2, "hello")
+	clockAt(29)
+	say(1, "29 s: no ping yet")
+	clockAt(30)
+	expectFrame(t, mute, websocket.PingFrame, "")
+	t.Log("30 s after the mute client was last heard: a ping, which it does not answer")
+	for s := 31; s < 60; s++ {
+		clockAt(s)
+	}
+	say(1, "31 to 59 s: no other ping, and still in the room")
+	clockAt(60)
+	alice.expect(leave(3, 2))
+	bob.expect(leave(3, 2))
+	if err := readUntilClose(mute); err != nil {
+		t.Fatal(err)
+	}
+	t.Log("60 s: dropped, with a close frame")
+	waitFor(t, "the log to say why", func() bool { return logs.contains("user 3 left: no answer to pings for 60 s") })
+	alice.say("one leave only") // the ends of the read loop and of the writer sent no other
+	alice.expect(msg(1, "one leave only"))
+	bob.expect(msg(1, "one leave only"))
+}
+
+// Any byte from a client is hearing from it: here a client whose only frames
+// are a pong to the server's ping, then a ping of its own (which gets its
+// pong), then a flood of pongs nobody asked for. None of it drops the
+// client, and the flood costs nothing else: the room reads through it.
+func TestPongsAndPingsCountAsHeard(t *testing.T) {
+	r, srv := startServer(t, nil)
+	conn, br := rawJoin(t, srv.Listener.Addr().String())
+	expectFrame := func(opcode byte, contains string) { // past the server's pings, but the one asked for
+		t.Helper()
+		for {
+			got, payload, err := readRawFrame(br)
+			if got == websocket.PingFrame && opcode != websocket.PingFrame {
+				continue
+			}
+			if err != nil || got != opcode || !strings.Contains(string(payload), contains) {
+				t.Fatalf("got opcode %d %q (%v), want opcode %d with %q", got, payload, err, opcode, contains)
+			}
+			return
+		}
+	}
+	stillThereAfter := func(heard time.Time, what string) {
+		t.Helper()
+		waitFor(t, what+" to be heard", func() bool { return r.lastHeard(1).After(heard) })
+		r.checkClients(heard.Add(r.dropAfter))
+		if r.online() != 1 {
+			t.Fatalf("dropped, though it sent %s", what)
+		}
+		t.Logf("%s was heard: a minute after the time before it, the client is still in the room", what)
+	}
+	heard := r.lastHeard(1)
+	r.checkClients(heard.Add(r.pingAfter))
+	expectFrame(websocket.PingFrame, "")
+	conn.Write(clientFrame(websocket.PongFrame, ""))
+	stillThereAfter(heard, "a pong")
+
+	heard = r.lastHeard(1)
+	conn.Write(clientFrame(websocket.PingFrame, "are you there?"))
+	expectFrame(websocket.PongFrame, "are you there?")
+	stillThereAfter(heard, "a ping")
+
+	heard = r.lastHeard(1)
+	pongs := bytes.Repeat(clientFrame(websocket.PongFrame, "unasked"), 1000)
+	conn.Write(append(pongs, clientFrame(websocket.TextFrame, "after 1000 pongs")...))
+	expectFrame(websocket.TextFrame, "after 1000 pongs")
+	stillThereAfter(heard, "1000 pongs")
+}
+
+// A client that only reads, and is behind in a busy room, is pinged too: the
+// ping goes ahead of the events that wait for it, not after the last (in a
+// busy room there may never be a last), and takes none of their places.
+// Here the lurker reads nothing while alice talks, until at least 20 of her
+// messages wait for it; then the clock asks for a ping, and the lurker reads.
+func TestLurkerInABusyRoomIsPinged(t *testing.T) {
+	r, srv := startServer(t, func(r *room) { r.floodInterval = 0 })
+	alice := joinRoom(t, srv, "alice")[0]
+	conn, lurker := rawJoin(t, srv.Listener.Addr().String())
+	alice.expect(join(2, 2))
+	sent, waiting := stallWriter(t, r, alice, 2, 20)
+	r.checkClients(r.lastHeard(2).Add(r.pingAfter))
+	t.Logf("the clock asks for a ping while %d messages wait; the lurker reads", waiting)
+	conn.SetDeadline(time.Now().Add(10 * time.Second))
+	pingAt := -1
+	for next := 0; next < sent; {
+		opcode, payload, err := readRawFrame(lurker)
+		if err != nil {
+			t.Fatalf("at message %d of %d: %v", next, sent, err)
+		}
+		if opcode == websocket.PingFrame {
+			pingAt = next
+			continue
+		}
+		for _, line := range strings.Split(string(payload), "\n") {
+			var ev event
+			if json.Unmarshal([]byte(line), &ev) != nil || !strings.HasPrefix(ev.Msg, fmt.Sprint(next, " ")) {
+				t.Fatalf("got %.60q, want alice's message %d", line, next)
+			}
+			next++
+		}
+	}
+	if pingAt < 0 {
+		t.Fatalf("no ping before the last of the %d messages", sent)
+	}
+	t.Logf("the ping came before message %d of %d, and every message came, in order", pingAt, sent)
+}
+
+// A client that stops reading altogether (asleep, or gone while the server
+// wrote to it) answers no ping either: the same rule drops it a minute after
+// it was last heard, though its writer is blocked in a write. The drop ends
+// that write, and the client's goroutines end.
+func TestBlockedClientLeavesByTheSameRule(t *testing.T) {
 	logs := &logRecorder{t: t}
 	r, srv := startServer(t, func(r *room) { r.floodInterval, r.logf = 0, logs.logf })
+	alice := joinRoom(t, srv, "alice", "sleepy")[0] // sleepy never reads
+	stallWriter(t, r, alice, 2, 10)
+	r.checkClients(r.lastHeard(2).Add(r.dropAfter))
+	alice.expect(leave(2, 1))
+	waitFor(t, "sleepy's goroutines to end", func() bool { return logs.contains("user 2 left: no answer to pings for 60 s") })
+	alice.say("still here")
+	alice.expect(msg(1, "still here"))
+}
+
+// A client that floods pings and reads nothing piles up pongs, which x/net
+// writes from the server's read loop, so that loop blocks and stops reading
+// the pinger. Nobody else notices; the pinger, no longer heard, goes by the
+// same rule, and its goroutines end.
+func TestPingingWithoutReadingIsHarmless(t *testing.T) {
+	logs := &logRecorder{t: t}
+	r, srv := startServer(t, func(r *room) { r.logf = logs.logf })
 	alice := joinRoom(t, srv, "alice")[0]
 	pinger, _ := rawJoin(t, srv.Listener.Addr().String())
 	alice.expect(join(2, 2))
 	pinger.(*net.TCPConn).SetReadBuffer(4096) // a few pongs fill it
-	t.Log("the pinger sends pings, 125 bytes each, and reads nothing; alice chats")
-	go func() {
-		pings := bytes.Repeat(clientFrame(websocket.PingFrame, strings.Repeat("p", 125)), 100)
-		for pinger.SetWriteDeadline(time.Now().Add(10 * time.Second)); ; {
-			if _, err := pinger.Write(pings); err != nil {
-				return // the test is over, or the server gave up
-			}
+	t.Log("the pinger sends pings, 125 bytes each, and reads nothing")
+	pings := bytes.Repeat(clientFrame(websocket.PingFrame, strings.Repeat("p", 125)), 100)
+	for i := 0; ; i++ {
+		pinger.SetWriteDeadline(time.Now().Add(2 * time.Second))
+		if _, err := pinger.Write(pings); err != nil {
+			break
 		}
-	}()
-	stuck := func() bool { // writing, with more to write
-		c := r.serverSide(2)
-		c.mu.Lock()
-		defer c.mu.Unlock()
-		return c.writing && len(c.queue) > 0
-	}
-	for i := 0; !stuck(); i++ {
 		if i == 100_000 {
-			t.Fatal("no write to the pinger ever waited")
+			t.Fatal("the server never stopped reading the pinger")
 		}
-		alice.say(fmt.Sprint(i))
-		alice.expect(msg(1, fmt.Sprint(i)))
 	}
-	t.Log("a write to the pinger is in progress; as if it began writeTimeout ago, the clock comes round")
-	waitFor(t, "the clock to drop the pinger", func() bool { // only the pinger's write is aged
-		c := r.serverSide(2)
-		if c == nil {
-			return true
-		}
-		c.mu.Lock()
-		c.lastWrite = time.Now().Add(-r.writeTimeout)
-		c.mu.Unlock()
-		r.checkWriters(time.Now())
-		return false
-	})
+	t.Log("for 2 s the server has read nothing of the pinger's; alice chats")
+	alice.say("not held up")
+	alice.expect(msg(1, "not held up"))
+	r.checkClients(r.lastHeard(1).Add(r.dropAfter - time.Second)) // over a minute since the pinger was heard
 	alice.expect(leave(2, 1))
-	waitFor(t, "the pinger's read loop to end", func() bool { return logs.contains("user 2 left: too slow: a write blocked") })
+	waitFor(t, "the pinger's read loop to end", func() bool { return logs.contains("user 2 left: no answer to pings for 60 s") })
 	alice.say("still here")
 	alice.expect(msg(1, "still here"))
 }
@@ -912,65 +1054,54 @@ func TestSameOrderEverywhere(t *testing.T) {
 	t.Logf("all %d users received the same %d messages in the same order", clients, len(received[0]))
 }
 
-// A client that never reads must not hold up anyone else, and must be
-// disconnected (not silently skipped), whether its queue fills up first or a
-// write to it blocks first.
+// A client that never reads must not hold up anyone else. At most queueLimit
+// events ever wait for it; the next one disconnects it, and everyone hears
+// its leave: it is never silently skipped. Here sleepy's socket is full and
+// its writer blocked; then the limit is set a few events above what waits.
 func TestSlowClientIsDisconnectedWithoutDelayingOthers(t *testing.T) {
-	for _, tc := range []struct {
-		name         string
-		queueLimit   int
-		writeTimeout time.Duration
-		reason       string
-	}{
-		{"queue full", 20, time.Hour, "too slow: 20 events waiting"},
-		{"write blocked", 1 << 30, 200 * time.Millisecond, "too slow: a write blocked for 200ms"},
-	} {
-		t.Run(tc.name, func(t *testing.T) {
-			logs := &logRecorder{t: t}
-			_, srv := startServer(t, func(r *room) {
-				r.queueLimit, r.writeTimeout, r.floodInterval = tc.queueLimit, tc.writeTimeout, 0
-				r.logf = logs.logf
-			})
-			alice := joinRoom(t, srv, "alice", "sleepy")[0] // sleepy never reads
-			// Each of alice's messages must reach her, in order, while sleepy is still there.
-			t.Log("alice sends 4 KB messages; sleepy reads none of them")
-			gone := false
-			for n := 0; !gone; n++ {
-				if n == 100_000 {
-					t.Fatal("sleepy was never disconnected")
-				}
-				if err := websocket.Message.Send(alice.conn, fmt.Sprintf("%d %4000s", n, ".")); err != nil {
-					t.Fatal(err)
-				}
-				for {
-					ev, err := alice.read()
-					if err != nil {
-						t.Fatal(err)
-					}
-					if ev.is(leave(2, 1)) {
-						t.Logf("alice received %s after %d of her messages", strings.TrimSpace(string(encode(ev))), n)
-						gone = true
-						continue
-					}
-					if ev.Type != "msg" || !strings.HasPrefix(ev.Msg, fmt.Sprint(n, " ")) {
-						t.Fatalf("alice's message %d: got %.60v", n, ev)
-					}
-					break
-				}
+	logs := &logRecorder{t: t}
+	r, srv := startServer(t, func(r *room) { r.floodInterval, r.logf = 0, logs.logf })
+	alice := joinRoom(t, srv, "alice", "sleepy")[0] // sleepy never reads
+	_, waiting := stallWriter(t, r, alice, 2, 10)
+	r.mu.Lock()
+	r.queueLimit = waiting + 5
+	limit := r.queueLimit
+	r.mu.Unlock()
+	t.Logf("the queue limit is now %d; alice talks on", limit)
+	for n, seen := 0, waiting; ; n++ {
+		if n == 100_000 {
+			t.Fatal("sleepy was never disconnected")
+		}
+		alice.say(fmt.Sprint(n))
+		alice.expect(msg(1, fmt.Sprint(n))) // and so it is in sleepy's queue, or sleepy is gone
+		if r.serverSide(2) == nil {
+			if seen != limit {
+				t.Fatalf("dropped after %d events waited, want %d", seen, limit)
 			}
-			waitFor(t, "the log to say why sleepy left", func() bool { return logs.contains("user 2 left: " + tc.reason) })
-			alice.say("still here")
-			alice.expect(msg(1, "still here"))
-		})
+			alice.expect(leave(2, 1))
+			t.Logf("%d events waited; the next one dropped sleepy", seen)
+			break
+		}
+		if seen = r.queued(2); seen > limit {
+			t.Fatalf("%d events wait for sleepy, over the limit of %d", seen, limit)
+		}
 	}
+	waitFor(t, "the log to say why sleepy left", func() bool {
+		return logs.contains(fmt.Sprintf("user 2 left: too slow: %d events waiting", limit))
+	})
+	alice.say("still here")
+	alice.expect(msg(1, "still here"))
 }
 
 // A client whose queue is full is dropped after the broadcast that found it
 // so, and its leave lands at the same place in every stream: dropped
 // mid-loop, some would hear it before that message and others after. Here
-// eight clients read nothing and are dropped so, while three read everything.
+// eight clients read nothing and are dropped so, while three read
+// everything. Each of alice's messages reaches all three before she sends
+// the next, so a busy machine that pauses a reader never puts it 20 events
+// behind: only the eight are too slow.
 func TestTooSlowClientsLeaveAtOnePlace(t *testing.T) {
-	r, srv := startServer(t, func(r *room) { r.queueLimit, r.writeTimeout, r.floodInterval = 20, time.Hour, 0 })
+	r, srv := startServer(t, func(r *room) { r.queueLimit, r.floodInterval = 20, 0 })
 	names := []string{"alice", "bob", "carol", "s1", "s2", "s3", "s4", "s5", "s6", "s7", "s8"}
 	users := joinRoom(t, srv, names...)
 	heard := make([][]event, 3)
@@ -978,29 +1109,26 @@ func TestTooSlowClientsLeaveAtOnePlace(t *testing.T) {
 		for len(heard[i]) == 0 || !heard[i][len(heard[i])-1].is(until) {
 			ev, err := users[i].read()
 			if err != nil {
-				t.Error(err)
-				return
+				t.Fatal(err)
 			}
 			heard[i] = append(heard[i], ev)
 		}
 	}
-	var readers sync.WaitGroup
-	readers.Go(func() { listen(1, msg(1, "done")) })
-	readers.Go(func() { listen(2, msg(1, "done")) })
 	t.Log("alice sends 4 KB messages until the eight who read nothing are gone")
 	for i := 0; r.online() > 3; i++ {
 		if i == 100_000 {
 			t.Fatal("the clients who read nothing were never dropped")
 		}
 		text := fmt.Sprintf("%d %4000s", i, ".")
-		if err := websocket.Message.Send(users[0].conn, text); err != nil {
-			t.Fatal(err)
+		users[0].say(text)
+		for j := range heard {
+			listen(j, msg(1, text))
 		}
-		listen(0, msg(1, text))
 	}
 	users[0].say("done")
-	listen(0, msg(1, "done"))
-	readers.Wait()
+	for j := range heard {
+		listen(j, msg(1, "done"))
+	}
 	if !slices.Equal(heard[0], heard[1]) || !slices.Equal(heard[0], heard[2]) {
 		t.Fatal("alice, bob and carol heard the leaves at different places")
 	}
@@ -1083,7 +1211,7 @@ func TestNoGoroutineIsLeftBehind(t *testing.T) {
 // client whose writer is blocked on a full socket, and returns only once
 // every connection is closed.
 func TestShutdownClosesEveryConnection(t *testing.T) {
-	r, srv := startServer(t, func(r *room) { r.floodInterval, r.writeTimeout = 0, time.Hour })
+	r, srv := startServer(t, func(r *room) { r.floodInterval = 0 })
 	users := joinRoom(t, srv, "alice", "sleepy") // sleepy never reads
 	_, rawBr := rawJoin(t, srv.Listener.Addr().String())
 	rawClosed := make(chan error, 1)
@@ -1105,6 +1233,33 @@ func TestShutdownClosesEveryConnection(t *testing.T) {
 		t.Fatal(err)
 	}
 	t.Log("the healthy client received a close frame")
+}
+
+// Events queued for a client when it is dropped reach it before its close
+// frame. Here sleepy stops reading until its socket is full and at least 100
+// of alice's messages wait for it; the clock drops it (no pong for a
+// minute); alice talks on; then sleepy reads again, within the drop's grace,
+// and receives every message it was owed, then the close frame.
+func TestDroppedClientReceivesWhatWasQueued(t *testing.T) {
+	r, srv := startServer(t, func(r *room) { r.floodInterval = 0 })
+	users := joinRoom(t, srv, "alice", "sleepy")
+	alice, sleepy := users[0], users[1]
+	owed, waiting := stallWriter(t, r, alice, 2, 100)
+	r.checkClients(r.lastHeard(2).Add(r.dropAfter))
+	alice.expect(leave(2, 1))
+	t.Logf("sleepy is dropped with %d messages waiting; alice talks on", waiting)
+	for i := range 10 {
+		alice.say(fmt.Sprint("after ", i))
+		alice.expect(msg(1, fmt.Sprint("after ", i)))
+	}
+	for next := 0; next < owed; next++ {
+		ev, err := sleepy.read()
+		if err != nil || !strings.HasPrefix(ev.Msg, fmt.Sprint(next, " ")) {
+			t.Fatalf("sleepy got %.60v (%v), want alice's message %d of %d", ev, err, next, owed)
+		}
+	}
+	sleepy.expectClosed()
+	t.Logf("sleepy received all %d messages, then the close frame", owed)
 }
 
 // Shutting down sends nobody a leave: everyone is going, and a page would
@@ -1224,10 +1379,10 @@ func TestQuietClientMaySendABurst(t *testing.T) {
 	_, srv := startServer(t, func(r *room) { r.floodInterval = time.Second })
 	alice := joinRoom(t, srv, "alice")[0]
 	start := time.Now()
-	for i := range defaultLimits.floodBurst {
+	for i := range 20 {
 		alice.say(fmt.Sprint(i))
 	}
-	for i := range defaultLimits.floodBurst {
+	for i := range 20 {
 		alice.expect(msg(1, fmt.Sprint(i)))
 	}
 	if took := time.Since(start); took > 5*time.Second {
@@ -1250,14 +1405,16 @@ func TestMain(m *testing.M) {
 // A mainProcess is the real main, running in a child process.
 type mainProcess struct {
 	cmd  *exec.Cmd
-	addr string // the first address it printed
+	addr string       // the first address it printed
+	logs *logRecorder // its log
 }
 
 func startMain(t testing.TB, args ...string) *mainProcess {
 	t.Helper()
-	p := &mainProcess{cmd: exec.Command(os.Args[0], args...)}
+	p := &mainProcess{cmd: exec.Command(os.Args[0], args...), logs: &logRecorder{t: t}}
 	// The race detector sleeps 1 s before a process exits; that is not main's time.
 	p.cmd.Env = append(os.Environ(), "WSCHAT_RUN_MAIN=1", "GORACE=atexit_sleep_ms=0")
+	p.cmd.Stderr = p.logs
 	stdout, err := p.cmd.StdoutPipe()
 	if err == nil {
 		err = p.cmd.Start()
@@ -1300,6 +1457,71 @@ func TestMainStopsCleanlyOnSignal(t *testing.T) {
 		t.Fatal(err)
 	}
 	t.Log("the client received a close frame before the connection ended")
+}
+
+// A second Ctrl-C while shutting down ends the process at once. Shutting
+// down waits up to closeGrace for a connection whose writes are stuck: here
+// a client that sends pings and reads none of the pongs.
+func TestMainStopsAtOnceOnASecondSignal(t *testing.T) {
+	if runtime.GOOS == "windows" {
+		t.Skip("no SIGINT to send on Windows")
+	}
+	p := startMain(t, "-addr", "127.0.0.1:0")
+	pinger, _ := rawJoin(t, p.addr)
+	pinger.(*net.TCPConn).SetReadBuffer(4096)
+	pings := bytes.Repeat(clientFrame(websocket.PingFrame, strings.Repeat("p", 125)), 100)
+	for i := 0; ; i++ {
+		pinger.SetWriteDeadline(time.Now().Add(2 * time.Second))
+		if _, err := pinger.Write(pings); err != nil {
+			break
+		}
+		if i == 100_000 {
+			t.Fatal("main never stopped reading the pinger")
+		}
+	}
+	t.Log("main's write of a pong to the pinger is stuck; Ctrl-C")
+	p.cmd.Process.Signal(os.Interrupt)
+	waitFor(t, "main to shut down", func() bool { return p.logs.contains("shutting down") })
+	start := time.Now()
+	p.cmd.Process.Signal(os.Interrupt)
+	err := p.cmd.Wait()
+	if exit, ok := err.(*exec.ExitError); !ok || exit.ExitCode() != -1 {
+		t.Fatalf("main ended with %v, want it killed by the second SIGINT", err)
+	}
+	t.Logf("the second Ctrl-C killed main after %v", time.Since(start).Round(time.Millisecond))
+}
+
+// A request whose headers are not all in within headerTimeout is closed: a
+// client that sends them a byte at a time cannot hold a connection forever.
+func TestSlowHeadersAreCutOff(t *testing.T) {
+	const timeout = 200 * time.Millisecond
+	_, srv := startServer(t, func(r *room) { r.headerTimeout = timeout })
+	conn, err := net.Dial("tcp", srv.Listener.Addr().String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	start := time.Now()
+	io.WriteString(conn, "GET / HTTP/1.1\r\nHost: localhost\r\n") // and never the blank line
+	conn.SetReadDeadline(time.Now().Add(10 * time.Second))
+	_, err = conn.Read(make([]byte, 1))
+	if took := time.Since(start); err != io.EOF || took < timeout {
+		t.Fatalf("after %v: %v, want the connection closed after %v", took, err, timeout)
+	}
+	t.Logf("the server closed the connection %v after the half request", time.Since(start).Round(time.Millisecond))
+}
+
+// The defaults are the ones the README's limits table gives.
+func TestDefaultsAreTheDocumentedOnes(t *testing.T) {
+	want := limits{queueLimit: 4096, pingAfter: 30 * time.Second, dropAfter: 60 * time.Second,
+		floodBurst: 20, floodInterval: 100 * time.Millisecond, headerTimeout: 10 * time.Second}
+	if defaultLimits != want {
+		t.Errorf("defaultLimits = %+v, want %+v", defaultLimits, want)
+	}
+	if maxMessageBytes != 4096 || maxFrameBytes != 16<<10 || historySize != 100 || closeGrace != time.Second {
+		t.Errorf("maxMessageBytes %d, maxFrameBytes %d, historySize %d, closeGrace %v; want 4096, 16384, 100, 1s",
+			maxMessageBytes, maxFrameBytes, historySize, closeGrace)
+	}
 }
 
 // Names given with -host, for a reverse proxy or a DNS name, are accepted as
@@ -1352,7 +1574,7 @@ func TestPrintedURLsOpenThePage(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		srv := &http.Server{Handler: r.routes()}
+		srv := r.server()
 		go srv.Serve(ln)
 		defer srv.Close()
 		var printed strings.Builder
