@@ -1,7 +1,7 @@
-// Command wschat is a chat room for everyone on your network, in one file
-// that reads in the order data flows: connect, join, read, broadcast, write,
-// drop. Where a comment says "x/net:", it is about that library's ways, not
-// about WebSockets.
+// Command wschat is a chat room for everyone on your network, and a lesson
+// in how a real-time server is built, in three parts; stop after any. Part 1
+// is the chat; part 2, what the network does to it; part 3, what
+// golang.org/x/net/websocket leaves to us.
 package main
 
 import (
@@ -30,68 +30,25 @@ import (
 	"golang.org/x/net/websocket"
 )
 
+// ---- Part 1: the chat ----
+//
+// A WebSocket begins as an HTTP request, GET /ws with "Upgrade: websocket".
+// The server answers 101 Switching Protocols, and from then on the TCP
+// connection carries frames both ways, whenever either side likes: text
+// frames (here a chat message, or the server's events as lines of JSON), a
+// ping that the other side answers with a pong, and a close frame at the end.
+//
+// Each connection has two goroutines: a reader, which puts each message it
+// reads into every client's queue, and a writer, which sends its client's
+// queue. Every message goes into every queue under one lock, so everyone
+// gets the same order; a client that reads slowly delays only itself.
+//
+// Locks: room.mu guards the room's fields below it, and each client's
+// leftBecause, pingedAt and wake; client.mu guards the client's queue. Take
+// room.mu first. Do no I/O, not even a log line, while holding either.
+
 //go:embed index.html
-var indexHTML []byte
-
-const (
-	maxMessageBytes = 4096        // a larger frame closes the sender's connection
-	maxFrameBytes   = 16 << 10    // events share a frame up to this; a larger one goes alone
-	historySize     = 100         // messages kept for newcomers
-	closeGrace      = time.Second // after a drop, for the last writes and the close frame
-	watchEvery      = time.Second // how often the room's clock looks at every client
-)
-
-// limits are a room's rules; tests lower them on their own room.
-type limits struct {
-	queueLimit    int           // events waiting for one client; one more and it is too slow
-	pingAfter     time.Duration // nothing heard from a client for this long: ping it
-	dropAfter     time.Duration // nothing heard for this long, not even a pong: it is gone
-	floodBurst    int           // messages a client may send at once...
-	floodInterval time.Duration // ...and then one per interval
-	headerTimeout time.Duration // for a request's headers to come in
-}
-
-var defaultLimits = limits{queueLimit: 4096, pingAfter: 30 * time.Second, dropAfter: time.Minute,
-	floodBurst: 20, floodInterval: time.Second / 10, headerTimeout: 10 * time.Second}
-
-func main() {
-	addr := flag.String("addr", ":8080", "`host:port` to listen on; :0 picks a free port")
-	hosts := flag.String("host", "", "other `names` of this server, comma-separated, for the chat to accept")
-	flag.Parse()
-	ln, err := net.Listen("tcp", *addr)
-	if err != nil {
-		fmt.Fprintln(os.Stderr, "wschat:", err)
-		os.Exit(1)
-	}
-	printURLs(os.Stdout, ln.Addr().(*net.TCPAddr))
-
-	r := newRoom(strings.Fields(strings.ReplaceAll(*hosts, ",", " "))...)
-	srv := r.server()
-	stop := make(chan os.Signal, 1)
-	signal.Notify(stop, os.Interrupt, syscall.SIGTERM)
-	go func() { <-stop; signal.Stop(stop); srv.Close() }() // a second Ctrl-C kills at once
-	if err := srv.Serve(ln); err != http.ErrServerClosed {
-		log.Fatal(err)
-	}
-	log.Print("shutting down")
-	r.shutdown() // x/net: it hijacked the WebSockets from net/http, so srv.Close leaves them
-}
-
-// printURLs says where to point a browser: here, then each LAN address.
-func printURLs(w io.Writer, addr *net.TCPAddr) {
-	fmt.Fprintln(w, "wschat is running. Open it in a browser:")
-	if !addr.IP.IsUnspecified() {
-		fmt.Fprintf(w, "  http://%s\n", addr)
-		return
-	}
-	fmt.Fprintf(w, "  http://localhost:%d\n", addr.Port)
-	ifaceAddrs, _ := net.InterfaceAddrs() // on error, localhost has to do
-	for _, a := range ifaceAddrs {
-		if ipnet, ok := a.(*net.IPNet); ok && ipnet.IP.To4() != nil && !ipnet.IP.IsLoopback() {
-			fmt.Fprintf(w, "  http://%s:%d\n", ipnet.IP, addr.Port)
-		}
-	}
-}
+var indexHTML []byte // the page; main, which serves it and the chat, is in part 2
 
 // An event is what the server sends: hello, join, leave or msg.
 type event struct {
@@ -104,10 +61,8 @@ type event struct {
 	History int    `json:"history,omitempty"` // hello: this many msg events follow
 }
 
-// encode makes ev one line of JSON: lines separate events in a frame (JSON
-// escapes a newline inside a string). HTML is not escaped (the page shows
-// text, never HTML), but control characters are: a 4096-byte message of them
-// takes 24 KB, the largest event, which goes alone in its frame.
+// encode makes ev one line of JSON, leaving HTML as it is: the page shows
+// text, never HTML. (JSON escapes a newline in a message.)
 func encode(ev event) []byte {
 	var line bytes.Buffer
 	enc := json.NewEncoder(&line)
@@ -116,59 +71,45 @@ func encode(ev event) []byte {
 	return bytes.TrimSuffix(line.Bytes(), []byte("\n"))
 }
 
-// A room is the set of connected clients. The lock rule: r.mu guards the
-// fields below it, and each client's leftBecause; c.mu guards the fields below
-// it. Whoever needs both takes r.mu first, so they cannot deadlock. No lock is
-// held across a network write or a log line: either can block.
+// A room is everyone connected, and what was said.
 type room struct {
-	limits
-	logf  func(format string, args ...any)
-	hosts map[string]bool // names the chat answers to, besides IP addresses
-	run   string          // lets a page that reconnects tell that the server restarted
+	limits                                  // part 2
+	logf   func(format string, args ...any) // log.Printf; tests narrate
+	hosts  map[string]bool                  // part 2: our names
+	run    string                           // new at every start, for a page that reconnects
 
 	mu                 sync.Mutex
 	clients            map[*client]bool
 	lastUID, lastMsgID int
 	history            [][]byte       // the last historySize msg events, oldest first
-	closing            bool           // shutting down: nobody may join
-	conns              sync.WaitGroup // joined connections not yet closed (see join)
+	closing            bool           // part 2, shutdown: nobody may join
+	conns              sync.WaitGroup // part 2, shutdown: joined connections not yet closed
+}
+
+// A client is one connection in the room.
+type client struct {
+	uid         int
+	conn        *wsConn       // part 3
+	wake        chan struct{} // one slot: "there is something to send"
+	leftBecause string
+	pingedAt    time.Time   // part 2: when the room's clock last asked for a ping
+	pingDue     atomic.Bool // the clock asks the writer for a ping (atomic: no lock)
+
+	mu    sync.Mutex
+	queue [][]byte // events the writer has not taken yet
 }
 
 // newRoom makes a room that answers to these names too, and starts its clock.
 func newRoom(names ...string) *room {
-	r := &room{limits: defaultLimits, logf: log.Printf, run: rand.Text(), clients: make(map[*client]bool)}
-	hostname, _ := os.Hostname()
-	hostname = strings.TrimSuffix(strings.ToLower(hostname), ".local") // as macOS may give it
-	r.hosts = map[string]bool{"localhost": true, hostname: true, hostname + ".local": true}
-	for _, name := range names {
-		r.hosts[strings.ToLower(name)] = true
-	}
-	go func() {
-		for now := range time.Tick(watchEvery) {
-			if !r.checkClients(now) {
-				return
-			}
-		}
-	}()
+	r := &room{limits: defaultLimits, logf: log.Printf, hosts: ourNames(names), run: rand.Text(),
+		clients: make(map[*client]bool)}
+	go r.runClock() // part 2: a client that vanishes
 	return r
 }
 
-// A client is one connection: serveClient reads from it, its writer writes.
-type client struct {
-	uid         int
-	conn        *wsConn
-	wake        chan struct{} // one slot: "there is something to send"; closed by the drop
-	leftBecause string        // set by the drop
-	pingedAt    time.Time     // the clock's last ping (guarded by r.mu)
-
-	mu      sync.Mutex
-	queue   [][]byte // encoded events the writer has not taken yet
-	pingDue bool     // the room's clock asks the writer for a ping
-}
-
-// server serves the page and the chat. A request's headers must be in
-// within headerTimeout, or a client sending a byte at a time holds a
-// connection forever.
+// server serves the page at / and the chat at /ws. A request for /ws is the
+// handshake: upgrade (part 3) answers 101, takes the TCP connection from
+// net/http, and calls serveClient on a goroutine of the connection's own.
 func (r *room) server() *http.Server {
 	mux := http.NewServeMux()
 	mux.HandleFunc("GET /{$}", func(w http.ResponseWriter, _ *http.Request) {
@@ -176,58 +117,33 @@ func (r *room) server() *http.Server {
 		w.Write(indexHTML)
 	})
 	mux.HandleFunc("GET /ws", func(w http.ResponseWriter, req *http.Request) {
-		upgrade(w, req, r.checkHandshake, r.serveClient)
+		upgrade(w, req, r.checkOrigin, r.serveClient)
 	})
 	return &http.Server{Handler: mux, ReadHeaderTimeout: r.headerTimeout}
 }
 
-// checkHandshake sees each upgrade request first; an error makes a 403. It
-// refuses other sites: Origin, if sent, must name the Host, and Host must be
-// an IP address or ours, against DNS rebinding (README, Abuse and limits).
-func (r *room) checkHandshake(req *http.Request) error {
-	host := (&url.URL{Host: req.Host}).Hostname() // no port, no brackets
-	if net.ParseIP(host) == nil && !r.hosts[strings.ToLower(host)] {
-		r.logf("refused a WebSocket for Host %q: if that is this server, run it with -host %s", req.Host, host)
-		return errors.New("not this server")
-	}
-	if origin := req.Header.Get("Origin"); origin != "" { // none: not a browser
-		if u, err := url.Parse(origin); err != nil || !strings.EqualFold(u.Host, req.Host) {
-			return errors.New("another site")
-		}
-	}
-	return nil
-}
-
-// serveClient is one connection's whole life. x/net: it calls this after the
-// handshake and closes TCP when it returns, so we wait for the writer first.
+// serveClient is one connection's life, and its goroutine is the client's
+// reader. It joins, starts the writer, reads until the client goes, leaves,
+// waits for the writer to send what is left, and closes with a close frame.
 func (r *room) serveClient(conn *wsConn) {
 	c, online := r.join(conn)
-	if c == nil { // shutting down: a close frame, and that is all
-		conn.Close()
+	if c == nil { // shutting down
+		conn.close()
 		return
 	}
 	defer r.conns.Done() // join did the Add
 	var writer sync.WaitGroup
-	writer.Go(func() { r.writeQueue(c) })
-	r.logf("user %d joined from %s (%d online)", c.uid, conn.Request().RemoteAddr, online)
-
-	reason := r.readMessages(c)
-	// If the room dropped c first, this does nothing, and its reason stands
-	// (the read then failed only because of the drop's deadline).
-	r.mu.Lock()
-	r.dropLocked(c, reason)
-	reason = c.leftBecause
-	r.mu.Unlock()
+	writer.Go(func() { r.writeEvents(c) })
+	r.logf("user %d joined from %s (%d online)", c.uid, conn.remoteAddr, online)
+	reason := r.drop(c, r.readMessages(c))
 	writer.Wait()
-	conn.Close() // within the drop's deadline, or only TCP is closed
+	conn.close()
 	r.logf("user %d left: %s", c.uid, reason)
 }
 
-// join gives the connection the next user id, a queue that starts with hello
-// and the history, and tells everyone else; or returns nil, if shutting down.
-// All under the lock every broadcast takes, so the live stream starts
-// exactly where the history ends. The Add is under it too, so that
-// shutdown's Wait, which comes after closing is set, never races an Add.
+// join gives the connection a user id and a queue that starts with hello and
+// the history, and tells everyone else (nil: shutting down); under the lock
+// every broadcast takes, so the live events follow the history exactly.
 func (r *room) join(conn *wsConn) (c *client, online int) {
 	r.mu.Lock()
 	defer r.mu.Unlock()
@@ -238,38 +154,20 @@ func (r *room) join(conn *wsConn) (c *client, online int) {
 	r.lastUID++
 	online = len(r.clients) + 1
 	hello := encode(event{Type: "hello", UID: r.lastUID, Online: online, Run: r.run, History: len(r.history)})
-	c = &client{uid: r.lastUID, conn: conn, wake: make(chan struct{}, 1),
-		queue: append([][]byte{hello}, r.history...)}
+	c = &client{uid: r.lastUID, conn: conn, wake: make(chan struct{}, 1), queue: append([][]byte{hello}, r.history...)}
 	c.wakeWriter()
+	r.broadcastLocked(encode(event{Type: "join", UID: c.uid, Online: online}))
 	r.clients[c] = true
-	r.broadcastLocked(encode(event{Type: "join", UID: c.uid, Online: online}), c)
 	return c, online
 }
 
-// readMessages relays the client's messages until a read fails, and says
-// why. x/net: Receive returns a frame, not a message, and answers pings
-// itself (so a pong waits while this loop does).
-//
-// Flood control is a token bucket kept as one time, nextRead: no frame is
-// read before it, and each frame read, empty or not, moves it one interval
-// on. Time spent waiting for the client saves up (earliest is taken after
-// Receive), but no more than floodBurst-1 intervals. So with the defaults a
-// quiet client's frames 1 to 20 are read at once, 21 at +0.1 s, 22 at +0.2 s.
-// Meanwhile nothing is read: TCP holds the client back.
+// readMessages relays the client's messages until a read fails, and says why.
 func (r *room) readMessages(c *client) (reason string) {
-	var nextRead time.Time
+	var bucketFull time.Time
 	for {
-		time.Sleep(time.Until(nextRead)) // at most one interval: each frame moves nextRead by one
-		var text string
-		err := textMessage.Receive(c.conn.Conn, &text)
-		earliest := time.Now().Add(-time.Duration(r.floodBurst-1) * r.floodInterval)
-		if nextRead.Before(earliest) {
-			nextRead = earliest
-		}
-		nextRead = nextRead.Add(r.floodInterval)
-		if errors.Is(err, io.EOF) {
-			return "closed the connection"
-		} else if err != nil { // too large (MaxPayloadBytes), binary (textMessage), a drop, a network error
+		r.waitForToken(&bucketFull) // part 2: a client that floods
+		text, err := c.conn.receiveText()
+		if err != nil {
 			return err.Error()
 		}
 		if text = strings.TrimSpace(text); text != "" {
@@ -291,40 +189,31 @@ func (r *room) broadcastMessage(from *client, text string) {
 	if r.history = append(r.history, ev); len(r.history) > historySize {
 		r.history = r.history[1:]
 	}
-	r.broadcastLocked(ev, nil)
+	r.broadcastLocked(ev)
 }
 
-// broadcastLocked queues ev for every client but skip. Holding r.mu while ev
-// goes into every queue gives everyone the same order. A client whose queue
-// is full is dropped after the loop: its leave, queued mid-loop, would reach
-// some clients before ev and others after it.
-func (r *room) broadcastLocked(ev []byte, skip *client) {
+// broadcastLocked puts ev in every client's queue, and wakes their writers;
+// under r.mu, so everyone gets the same order. A client with queueLimit
+// events waiting is dropped (part 2: a client too slow to read).
+func (r *room) broadcastLocked(ev []byte) {
 	var tooSlow []*client
 	for c := range r.clients {
-		if c != skip && !r.enqueue(c, ev) {
+		c.mu.Lock()
+		if len(c.queue) < r.queueLimit {
+			c.queue = append(c.queue, ev)
+		} else {
 			tooSlow = append(tooSlow, c)
 		}
+		c.mu.Unlock()
+		c.wakeWriter()
 	}
 	for _, c := range tooSlow {
 		r.dropLocked(c, fmt.Sprintf("too slow: %d events waiting", r.queueLimit))
 	}
 }
 
-// enqueue queues ev for c and wakes c's writer, or reports false if the queue
-// is full. r.mu must be held (see wakeWriter).
-func (r *room) enqueue(c *client, ev []byte) bool {
-	c.mu.Lock()
-	full := len(c.queue) >= r.queueLimit
-	if !full {
-		c.queue = append(c.queue, ev)
-	}
-	c.mu.Unlock()
-	c.wakeWriter()
-	return !full
-}
-
-// wakeWriter fills c.wake's slot, if empty. r.mu must be held: a drop closes
-// wake under it, and a send on a closed channel would panic.
+// wakeWriter fills c.wake's one slot, if empty. r.mu must be held: a drop
+// closes wake under it, and a send on a closed channel panics.
 func (c *client) wakeWriter() {
 	select {
 	case c.wake <- struct{}{}:
@@ -332,111 +221,237 @@ func (c *client) wakeWriter() {
 	}
 }
 
-// writeQueue is the client's writer. Woken, it sends the ping the clock
-// asked for, then what is queued, as many events per frame as fit in
-// maxFrameBytes; it ends once wake is closed and all is sent, or a write fails.
-func (r *room) writeQueue(c *client) {
-	for range c.wake { // once closed, wake still hands over a pending wake: the queue is sent
-		runtime.Gosched() // only for speed: broadcasts under way queue more, frames are fuller
+// writeEvents is c's writer. Woken, it sends a ping if the clock asked for
+// one, then the queue, as many events per text frame as fit, one per line.
+// It ends once a drop has closed wake and all is sent, or a write fails.
+func (r *room) writeEvents(c *client) {
+	for range c.wake { // a closed channel still hands over a wake left in it
+		runtime.Gosched() // for speed only: broadcasts under way queue more, and frames are fuller
 		for {
-			ping, batch := c.nextBatch()
 			var err error
-			if ping {
-				err = pingFrame.Send(c.conn.Conn, nil)
-			} else if len(batch) > 0 {
-				// x/net: one Write is one text frame.
-				_, err = c.conn.Write(bytes.Join(batch, []byte("\n")))
+			if c.pingDue.Swap(false) { // first: part 2, a client that vanishes
+				err = c.conn.ping()
+			} else if events := c.takeQueue(); len(events) > 0 { // part 2: a client too slow to read
+				err = c.conn.sendText(bytes.Join(events, []byte("\n")))
 			} else {
 				break // all sent: wait to be woken
 			}
 			if err != nil {
-				r.mu.Lock()
-				r.dropLocked(c, "write failed: "+err.Error())
-				r.mu.Unlock()
+				r.drop(c, "write failed: "+err.Error())
 				return
 			}
 		}
 	}
 }
 
-// nextBatch reports a ping the clock asked for, ahead of the queue: a client
-// that reads slowly through a long queue still answers it in time. Otherwise
-// it takes the queued events that fit in maxFrameBytes, at least one however
-// large; the rest stay queued, in order.
-func (c *client) nextBatch() (ping bool, batch [][]byte) {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	if c.pingDue {
-		c.pingDue = false
-		return true, nil
-	}
-	n, size := 0, 0
-	for n < len(c.queue) && (n == 0 || size+len(c.queue[n]) <= maxFrameBytes) {
-		size += len(c.queue[n]) + 1 // and a newline
-		n++
-	}
-	if batch, c.queue = c.queue[:n], c.queue[n:]; len(c.queue) == 0 {
-		c.queue = nil // so the memory of the events sent can go
-	}
-	return false, batch
-}
-
-// checkClients is the room's clock. A client not heard from for pingAfter
-// gets a ping, one each pingAfter; one not heard from for dropAfter, not even
-// a pong, is gone: it stopped reading, or vanished. It reports false once the
-// room is shutting down.
-func (r *room) checkClients(now time.Time) bool {
+// drop takes c out of the room, and returns why: whoever gives up on c first
+// (reader, writer, broadcast, clock or shutdown) gives the reason that stands.
+func (r *room) drop(c *client, reason string) string {
 	r.mu.Lock()
 	defer r.mu.Unlock()
-	var silent []*client
-	for c := range r.clients {
-		quiet := now.Sub(c.conn.lastHeard())
-		if quiet >= r.dropAfter {
-			silent = append(silent, c)
-		} else if quiet >= r.pingAfter && now.Sub(c.pingedAt) >= r.pingAfter {
-			c.pingedAt = now
-			c.mu.Lock()
-			c.pingDue = true
-			c.mu.Unlock()
-			c.wakeWriter()
-		}
-	}
-	for _, c := range silent { // not in the loop: a drop takes every client's lock
-		r.dropLocked(c, fmt.Sprintf("no answer to pings for %.0f s", r.dropAfter.Seconds()))
-	}
-	return !r.closing
+	r.dropLocked(c, reason)
+	return c.leftBecause
 }
 
-// dropLocked takes c out of the room and tells everyone left. Whoever gives
-// up on c first calls it: serveClient, the writer, broadcastLocked, the clock
-// or shutdown; later calls do nothing. Its leave may fill other queues, and
-// drop those clients too.
-//
-// It ends c's goroutines with the only deadlines the connection ever gets:
-// reads end now, and what is still to write (the queue, a pong, the close
-// frame) gets closeGrace. Not with Close: x/net's Close waits for its write
-// lock, so it would hang behind a blocked write. And none before: x/net
-// writes pongs inside Receive under whatever deadline is set, so one left by
-// an old write would fail them (and one per write costs two timer changes).
+// dropLocked is drop with r.mu held. Its leave may find queues full and drop
+// those clients too (each drop takes one out: that ends). It ends c's
+// goroutines the way Go cancels blocked I/O, with deadlines: a read
+// deadline of now fails the reader's read at once; a write deadline
+// closeGrace away lets the writer send the queue and the close frame, no more.
 func (r *room) dropLocked(c *client, reason string) {
 	if !r.clients[c] {
 		return
 	}
 	delete(r.clients, c)
 	c.leftBecause = reason
-	c.conn.SetReadDeadline(time.Now())
-	c.conn.SetWriteDeadline(time.Now().Add(closeGrace))
-	close(c.wake) // the writer ends once the queue is sent
+	c.conn.cutOff(closeGrace)
+	close(c.wake) // the writer ends once it has sent the queue
 	if !r.closing {
-		r.broadcastLocked(encode(event{Type: "leave", UID: c.uid, Online: len(r.clients)}), nil)
+		r.broadcastLocked(encode(event{Type: "leave", UID: c.uid, Online: len(r.clients)}))
 	}
 }
 
-// shutdown drops everyone, with no leave, and returns once every connection
-// is closed: within closeGrace, or one flood interval for a paused reader.
+// ---- Part 2: what the network does to the chat ----
+//
+// A LAN has phones that sleep and walk away, bots that send as fast as they
+// can, and other sites open in the same browser: each, and its rule.
+
+type limits struct { // tests lower them on their own room
+	queueLimit    int           // events waiting for a client; one more and it is too slow
+	pingAfter     time.Duration // nothing heard from a client for this long: ping it
+	dropAfter     time.Duration // nothing heard for this long, not even a pong: it is gone
+	floodBurst    int           // messages a client may send at once...
+	floodInterval time.Duration // ...and then one per interval
+	headerTimeout time.Duration // for a request's headers to come in
+}
+
+var defaultLimits = limits{queueLimit: 4096, pingAfter: 30 * time.Second, dropAfter: time.Minute,
+	floodBurst: 20, floodInterval: time.Second / 10, headerTimeout: 10 * time.Second}
+
+const (
+	historySize     = 100         // messages kept for newcomers
+	maxMessageBytes = 4096        // a larger frame closes the sender's connection
+	maxFrameBytes   = 16 << 10    // events share a frame up to this size; a larger one goes alone
+	closeGrace      = time.Second // after a drop, for the last writes and the close frame
+)
+
+// A client too slow to read. A phone's screen turns off and its browser
+// stops reading: TCP's buffers fill, its writer blocks, and what the room
+// says meanwhile waits in its queue. Nobody else waits, but at queueLimit
+// events broadcastLocked drops the phone: after its loop, since within it
+// the leave would come after the event for some and before it for others.
+// Reading again in time, the phone catches up in frames of up to
+// maxFrameBytes (coder's client reads at most 32 KiB), which takeQueue
+// fills with the events that fit, at least one.
+func (c *client) takeQueue() (events [][]byte) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	n, size := 0, 0
+	for n < len(c.queue) && (n == 0 || size+len(c.queue[n]) <= maxFrameBytes) {
+		size += len(c.queue[n]) + 1 // and the newline after it
+		n++
+	}
+	if events, c.queue = c.queue[:n], c.queue[n:]; len(c.queue) == 0 {
+		c.queue = nil // so that the memory of the events sent can go
+	}
+	return events
+}
+
+// A client that vanishes. A phone walks out of the Wi-Fi: no close frame,
+// no TCP reset, its packets just stop, and TCP would retry for a quarter of
+// an hour with the phone shown online. So the room listens: a client not
+// heard from for pingAfter (no message, no pong, not a byte) is sent a
+// ping, which every WebSocket client answers; one not heard from for
+// dropAfter is gone. A client that reads, even slowly, answers and stays
+// (its writer sends the ping before the queue); one that stops reading
+// stops answering. runClock looks once a second.
+func (r *room) runClock() {
+	for now := range time.Tick(time.Second) {
+		if !r.checkClients(now) {
+			return // shutting down
+		}
+	}
+}
+
+// checkClients asks for one ping per pingAfter from each client silent that
+// long, and drops those silent for dropAfter. Tests call it at made-up times.
+func (r *room) checkClients(now time.Time) (running bool) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	for c := range r.clients {
+		switch quiet := now.Sub(c.conn.lastHeard()); {
+		case quiet >= r.dropAfter:
+			r.dropLocked(c, fmt.Sprintf("no answer to pings for %.0f s", r.dropAfter.Seconds()))
+		case quiet >= r.pingAfter && now.Sub(c.pingedAt) >= r.pingAfter:
+			c.pingedAt = now
+			c.pingDue.Store(true)
+			c.wakeWriter()
+		}
+	}
+	return !r.closing
+}
+
+// A client that floods. A bot sends a thousand messages at once, which
+// would bury the conversation. So each client has a bucket of floodBurst
+// tokens that refills by one every floodInterval; each frame read takes
+// one, and with none left the reader waits, and TCP holds the client back:
+// nothing is lost. A person's quick burst finds the bucket full. The bucket
+// is one time, full: when it will be full again. With the defaults, a quiet
+// client's full is in the past; frames 1 to 20 pass at once, each moving it
+// 0.1 s on, to now+2 s; frame 21 waits until it is 1.9 s away: 0.1 s.
+func (r *room) waitForToken(full *time.Time) {
+	now := time.Now()
+	if full.Before(now) {
+		*full = now // a full bucket fills no further
+	}
+	time.Sleep(full.Sub(now) - time.Duration(r.floodBurst-1)*r.floodInterval)
+	*full = full.Add(r.floodInterval)
+}
+
+// A page from another site. Your browser can reach this server, so any page
+// you open could chat in your name. A browser sends the page's site as
+// Origin, and checkOrigin refuses one that is not the Host the request went
+// to; and since a page can re-point its own name at your LAN address (DNS
+// rebinding), Host must be an IP address or one of our names.
+func (r *room) checkOrigin(req *http.Request) error {
+	host := (&url.URL{Host: req.Host}).Hostname() // no port, no brackets
+	if net.ParseIP(host) == nil && !r.hosts[strings.ToLower(host)] {
+		r.logf("refused a WebSocket for Host %q: if that is this server, run it with -host %s", req.Host, host)
+		return errors.New("not this server")
+	}
+	origin := req.Header.Get("Origin") // none: not a browser
+	if u, err := url.Parse(origin); origin != "" && (err != nil || !strings.EqualFold(u.Host, req.Host)) {
+		r.logf("refused a WebSocket from Origin %q for Host %q: behind a proxy, pass Host with its port "+
+			"(nginx: proxy_set_header Host $http_host)", origin, req.Host)
+		return errors.New("another site")
+	}
+	return nil
+}
+
+// ourNames are localhost, this machine's name, and those given with -host.
+func ourNames(names []string) map[string]bool {
+	hostname, _ := os.Hostname()
+	hostname = strings.TrimSuffix(strings.ToLower(hostname), ".local") // as macOS may give it
+	ours := map[string]bool{"localhost": true, hostname: true, hostname + ".local": true}
+	for _, name := range names {
+		ours[strings.ToLower(name)] = true
+	}
+	return ours
+}
+
+// Starting and stopping. main listens, says where, and serves until a signal.
+func main() {
+	addr := flag.String("addr", ":8080", "`host:port` to listen on; :0 picks a free port")
+	hosts := flag.String("host", "", "other `names` of this server, comma-separated, for the chat to accept")
+	flag.Parse()
+	ln, err := net.Listen("tcp", *addr)
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "wschat:", err)
+		os.Exit(1)
+	}
+	printURLs(os.Stdout, ln.Addr().(*net.TCPAddr))
+	r := newRoom(strings.Fields(strings.ReplaceAll(*hosts, ",", " "))...)
+	srv := r.server()
+	go closeOnSignal(srv)
+	if err := srv.Serve(ln); err != http.ErrServerClosed {
+		log.Fatal(err)
+	}
+	r.shutdown()
+}
+
+// printURLs says where to point a browser: here, and at each LAN address.
+func printURLs(w io.Writer, addr *net.TCPAddr) {
+	fmt.Fprintln(w, "wschat is running. Open it in a browser:")
+	if !addr.IP.IsUnspecified() {
+		fmt.Fprintf(w, "  http://%s\n", addr)
+		return
+	}
+	fmt.Fprintf(w, "  http://localhost:%d\n", addr.Port)
+	ifaceAddrs, _ := net.InterfaceAddrs() // none on error: localhost has to do
+	for _, a := range ifaceAddrs {
+		if ipnet, ok := a.(*net.IPNet); ok && ipnet.IP.To4() != nil && !ipnet.IP.IsLoopback() {
+			fmt.Fprintf(w, "  http://%s:%d\n", ipnet.IP, addr.Port)
+		}
+	}
+}
+
+// Ctrl-C ends each connection with a close frame, after what was queued for
+// it, without hanging on a client that reads nothing. srv.Close stops new
+// connections only: net/http forgets a hijacked one. So shutdown drops
+// every client, with no leave (the page would show them leave one by one),
+// and waits for their connections to close. A second Ctrl-C kills at once.
+func closeOnSignal(srv *http.Server) {
+	stop := make(chan os.Signal, 1)
+	signal.Notify(stop, os.Interrupt, syscall.SIGTERM)
+	<-stop
+	signal.Stop(stop) // so that the next one kills
+	log.Print("shutting down")
+	srv.Close()
+}
+
 func (r *room) shutdown() {
 	r.mu.Lock()
-	r.closing = true
+	r.closing = true // join lets nobody in, and adds to conns no more
 	for c := range r.clients {
 		r.dropLocked(c, "server shutting down")
 	}
@@ -444,58 +459,35 @@ func (r *room) shutdown() {
 	r.conns.Wait()
 }
 
-// textMessage is websocket.Message for strings, but refuses binary frames.
-var textMessage = websocket.Codec{Unmarshal: func(data []byte, payloadType byte, v any) error {
-	if payloadType != websocket.TextFrame {
-		return errors.New("sent a binary frame")
-	}
-	*v.(*string) = string(data)
-	return nil
-}}
+// ---- Part 3: what x/net/websocket leaves to us ----
+//
+// x/net does the handshake, frames and masking, and answers pings; what other
+// WebSocket libraries have besides, wsConn adds.
 
-// pingFrame sends a ping: x/net has no call for it, but a Codec may choose
-// the frame type.
-var pingFrame = websocket.Codec{Marshal: func(any) ([]byte, byte, error) {
-	return nil, websocket.PingFrame, nil
-}}
-
-// A wsConn is a WebSocket connection that knows when its client was last
-// heard from. x/net reads a pong inside Receive and drops it, so we cannot see
-// one; but every byte it reads comes through the *bufio.Reader it is handed
-// with the connection, and upgrade hands it one that reads through Read.
+// A wsConn is one WebSocket connection, and when its client was last heard.
 type wsConn struct {
-	*websocket.Conn
-	r     io.Reader    // the connection, for Read
-	heard atomic.Int64 // when a byte last arrived, as time since started
+	ws         *websocket.Conn
+	r          io.Reader    // the TCP connection, for Read
+	heard      atomic.Int64 // when a byte last arrived, as time since started (monotonic)
+	remoteAddr string
 }
 
-var started = time.Now() // a time.Time cannot be atomic; time since this keeps the monotonic clock
+var started = time.Now()
 
-func (c *wsConn) hear()                { c.heard.Store(int64(time.Since(started))) }
-func (c *wsConn) lastHeard() time.Time { return started.Add(time.Duration(c.heard.Load())) }
-
-func (c *wsConn) Read(p []byte) (int, error) {
-	n, err := c.r.Read(p)
-	if n > 0 {
-		c.hear()
-	}
-	return n, err
-}
-
-// upgrade takes the connection from net/http (Hijack), and serves it as a
-// WebSocket, if check allows it, in a goroutine of its own: so net/http's
-// goroutine for the request, and its buffers, go at once. x/net: not
-// websocket.Handler, which refuses clients without Origin; and every
-// subprotocol is declined (x/net would echo one, and refuse two).
+// upgrade takes the TCP connection from net/http (Hijack), so that net/http's
+// goroutine and buffers for the request end here, and starts a goroutine for
+// it that does the handshake, if check lets it, then calls serve; x/net
+// closes TCP when serve returns. Not x/net's websocket.Handler, which refuses
+// clients without Origin (all but browsers); and every subprotocol is
+// declined, which x/net would echo, as if it spoke it (or refuse two: 400).
 func upgrade(w http.ResponseWriter, req *http.Request, check func(*http.Request) error, serve func(*wsConn)) {
 	netConn, rw, err := http.NewResponseController(w).Hijack()
 	if err != nil {
-		return // cannot happen: an HTTP/1 connection
+		return // cannot happen on HTTP/1.1
 	}
-	early, _ := rw.Reader.Peek(rw.Reader.Buffered()) // what the client sent behind the request
-	conn := &wsConn{r: io.MultiReader(bytes.NewReader(bytes.Clone(early)), netConn)}
-	conn.hear()
-	taken := hijacked{netConn, bufio.NewReadWriter(bufio.NewReaderSize(conn, 512), rw.Writer)}
+	early, _ := rw.Reader.Peek(rw.Reader.Buffered()) // what the client sent right behind the request
+	conn := &wsConn{r: io.MultiReader(bytes.NewReader(bytes.Clone(early)), netConn), remoteAddr: req.RemoteAddr}
+	conn.heard.Store(int64(time.Since(started)))
 	go websocket.Server{
 		Handshake: func(config *websocket.Config, req *http.Request) error {
 			config.Protocol = nil
@@ -503,19 +495,77 @@ func upgrade(w http.ResponseWriter, req *http.Request, check func(*http.Request)
 		},
 		Handler: func(ws *websocket.Conn) {
 			ws.MaxPayloadBytes = maxMessageBytes // x/net's default is 32 MB
-			conn.Conn = ws
+			conn.ws = ws
 			serve(conn)
 		},
-	}.ServeHTTP(taken, req)
+	}.ServeHTTP(hijacked{nil, netConn, bufio.NewReadWriter(bufio.NewReaderSize(conn, 512), rw.Writer)}, req)
 }
 
-// hijacked is a connection taken from net/http, as x/net takes it: by
-// calling Hijack on the http.ResponseWriter it is given.
+// hijacked hands x/net the connection as x/net takes it: from the Hijack of
+// the ResponseWriter it is given, the only method it calls (the embedded
+// one is nil). It reads every byte through that bufio.Reader, and so Read.
 type hijacked struct {
-	net.Conn
-	rw *bufio.ReadWriter
+	http.ResponseWriter
+	conn net.Conn
+	rw   *bufio.ReadWriter
 }
 
-func (h hijacked) Header() http.Header                          { return nil }
-func (h hijacked) WriteHeader(int)                              {}
-func (h hijacked) Hijack() (net.Conn, *bufio.ReadWriter, error) { return h.Conn, h.rw, nil }
+func (h hijacked) Hijack() (net.Conn, *bufio.ReadWriter, error) { return h.conn, h.rw, nil }
+
+// lastHeard is when a byte from the client last arrived: a message, a pong,
+// anything. x/net reads pongs inside Receive, drops them, but reads them
+// through Read.
+func (c *wsConn) lastHeard() time.Time { return started.Add(time.Duration(c.heard.Load())) }
+
+func (c *wsConn) Read(p []byte) (int, error) {
+	n, err := c.r.Read(p)
+	if n > 0 {
+		c.heard.Store(int64(time.Since(started)))
+	}
+	return n, err
+}
+
+// receiveText returns the next text frame: x/net reads frames, not messages.
+// It answers pings inside, so a pong waits while the reader does. A close
+// frame, the end of TCP, or an unmasked frame (x/net answers 1002) is EOF.
+func (c *wsConn) receiveText() (string, error) {
+	var text []byte
+	err := textFrame.Receive(c.ws, &text)
+	if err == io.EOF {
+		return "", errors.New("closed the connection")
+	}
+	return string(text), err // or too large, binary, or a drop's deadline
+}
+
+func (c *wsConn) sendText(text []byte) error { return textFrame.Send(c.ws, text) }
+
+// textFrame is x/net's websocket.Message for text frames only.
+var textFrame = websocket.Codec{
+	Marshal: func(v any) ([]byte, byte, error) { return v.([]byte), websocket.TextFrame, nil },
+	Unmarshal: func(data []byte, payloadType byte, v any) error {
+		if payloadType != websocket.TextFrame {
+			return errors.New("sent a binary frame")
+		}
+		*v.(*[]byte) = data
+		return nil
+	},
+}
+
+// ping sends a ping. x/net has no call for it, but a Codec chooses the frame type.
+func (c *wsConn) ping() error { return pingFrame.Send(c.ws, nil) }
+
+var pingFrame = websocket.Codec{Marshal: func(any) ([]byte, byte, error) { return nil, websocket.PingFrame, nil }}
+
+// cutOff makes a read in progress fail now, and writes fail after grace.
+// x/net's Close would wait for a write blocked on a client that reads
+// nothing: it writes a close frame under the same lock. And no deadline
+// before: x/net writes pongs inside Receive under whatever write deadline
+// is set, and one left by a write long ago would fail a healthy client.
+func (c *wsConn) cutOff(grace time.Duration) {
+	c.ws.SetReadDeadline(time.Now())
+	c.ws.SetWriteDeadline(time.Now().Add(grace))
+}
+
+// close sends a close frame, then closes TCP. x/net's say 1000 (normal), with
+// no reason (after an unmasked frame, x/net has already sent one with 1002).
+func (c *wsConn) close() { c.ws.Close() }

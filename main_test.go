@@ -530,7 +530,10 @@ func TestOtherSitesAreRefused(t *testing.T) {
 		t.Logf("Host %q, Origin %q: %s", tc.host, tc.origin, resp.Status)
 	}
 	if !logs.contains(`refused a WebSocket for Host "attacker.example:` + port + `": if that is this server, run it with -host attacker.example`) {
-		t.Fatal("the refusal was not logged with a way to allow the name")
+		t.Fatal("the Host refusal was not logged with a way to allow the name")
+	}
+	if !logs.contains(`refused a WebSocket from Origin "http://127.0.0.1:1" for Host "` + addr + `": behind a proxy, pass Host with its port`) {
+		t.Fatal("the Origin refusal was not logged with what to change")
 	}
 	req, _ := http.NewRequest("GET", srv.URL+"/", nil)
 	req.Host = "attacker.example"
