@@ -7,6 +7,7 @@ package main
 import (
 	"bufio"
 	"bytes"
+	"context"
 	"crypto/rand"
 	_ "embed"
 	"encoding/json"
@@ -20,7 +21,6 @@ import (
 	"net/url"
 	"os"
 	"os/signal"
-	"runtime"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -32,20 +32,21 @@ import (
 
 // ---- Part 1: the chat ----
 //
-// A WebSocket begins as an HTTP request, GET /ws with "Upgrade: websocket".
+// A WebSocket starts as an HTTP request: GET /ws, with "Upgrade: websocket".
 // The server answers 101 Switching Protocols, and from then on the TCP
-// connection carries frames both ways, whenever either side likes: text
-// frames (here a chat message, or the server's events as lines of JSON), a
-// ping that the other side answers with a pong, and a close frame at the end.
+// connection carries frames, both ways, whenever either side likes. Here a
+// client's text frame is a chat message, and the server's text frames carry
+// events, one JSON object per line. A ping asks "still there?" and the other
+// side answers with a pong. A close frame ends the connection.
 //
-// Each connection has two goroutines: a reader, which puts each message it
-// reads into every client's queue, and a writer, which sends its client's
-// queue. Every message goes into every queue under one lock, so everyone
-// gets the same order; a client that reads slowly delays only itself.
+// Each connection has two goroutines. Its reader reads the client's messages
+// and puts each one into every client's queue; its writer sends its own
+// client's queue. A message goes into all the queues under the room's lock,
+// so every client gets the same order; a slow client delays only its writer.
 //
-// Locks: room.mu guards the room's fields below it, and each client's
-// leftBecause, pingedAt and wake; client.mu guards the client's queue. Take
-// room.mu first. Do no I/O, not even a log line, while holding either.
+// The locks: room.mu guards the room, and each client's leftBecause, pingedAt
+// and wake; client.mu guards the client's queue. Take room.mu first. Hold
+// neither while writing to the network or the log: either may block.
 
 //go:embed index.html
 var indexHTML []byte // the page; main, which serves it and the chat, is in part 2
@@ -61,8 +62,8 @@ type event struct {
 	History int    `json:"history,omitempty"` // hello: this many msg events follow
 }
 
-// encode makes ev one line of JSON, leaving HTML as it is: the page shows
-// text, never HTML. (JSON escapes a newline in a message.)
+// encode makes ev one line of JSON (JSON escapes a message's newlines). It
+// leaves HTML unescaped: the page shows text, never HTML.
 func encode(ev event) []byte {
 	var line bytes.Buffer
 	enc := json.NewEncoder(&line)
@@ -71,29 +72,29 @@ func encode(ev event) []byte {
 	return bytes.TrimSuffix(line.Bytes(), []byte("\n"))
 }
 
-// A room is everyone connected, and what was said.
+// A room is everyone connected, and the last messages.
 type room struct {
-	limits                                  // part 2
+	limits                                  // the rules of part 2
 	logf   func(format string, args ...any) // log.Printf; tests narrate
-	hosts  map[string]bool                  // part 2: our names
-	run    string                           // new at every start, for a page that reconnects
+	hosts  map[string]bool                  // the names this server answers to
+	run    string                           // new at every start (see hello)
 
 	mu                 sync.Mutex
 	clients            map[*client]bool
 	lastUID, lastMsgID int
 	history            [][]byte       // the last historySize msg events, oldest first
-	closing            bool           // part 2, shutdown: nobody may join
-	conns              sync.WaitGroup // part 2, shutdown: joined connections not yet closed
+	closing            bool           // shutting down: nobody may join
+	conns              sync.WaitGroup // joined connections not yet closed
 }
 
 // A client is one connection in the room.
 type client struct {
 	uid         int
-	conn        *wsConn       // part 3
-	wake        chan struct{} // one slot: "there is something to send"
-	leftBecause string
-	pingedAt    time.Time   // part 2: when the room's clock last asked for a ping
-	pingDue     atomic.Bool // the clock asks the writer for a ping (atomic: no lock)
+	conn        *wsConn       // the WebSocket connection
+	wake        chan struct{} // tells the writer there is something to send
+	leftBecause string        // why the client left: the first reason given
+	pingedAt    time.Time     // when the room's clock last asked for a ping
+	pingDue     atomic.Bool   // the clock asks the writer to send a ping
 
 	mu    sync.Mutex
 	queue [][]byte // events the writer has not taken yet
@@ -107,9 +108,9 @@ func newRoom(names ...string) *room {
 	return r
 }
 
-// server serves the page at / and the chat at /ws. A request for /ws is the
-// handshake: upgrade (part 3) answers 101, takes the TCP connection from
-// net/http, and calls serveClient on a goroutine of the connection's own.
+// server serves the page at / and the chat at /ws. A request for /ws is a
+// WebSocket handshake: upgrade answers 101, takes the TCP connection from
+// net/http, and runs serveClient on a new goroutine, the client's reader.
 func (r *room) server() *http.Server {
 	mux := http.NewServeMux()
 	mux.HandleFunc("GET /{$}", func(w http.ResponseWriter, _ *http.Request) {
@@ -122,9 +123,9 @@ func (r *room) server() *http.Server {
 	return &http.Server{Handler: mux, ReadHeaderTimeout: r.headerTimeout}
 }
 
-// serveClient is one connection's life, and its goroutine is the client's
-// reader. It joins, starts the writer, reads until the client goes, leaves,
-// waits for the writer to send what is left, and closes with a close frame.
+// serveClient is one connection's life, on its reader: join, start the
+// writer, read until the client goes, leave, wait for the writer to send
+// what is left, and close the connection with a close frame.
 func (r *room) serveClient(conn *wsConn) {
 	c, online := r.join(conn)
 	if c == nil { // shutting down
@@ -141,9 +142,10 @@ func (r *room) serveClient(conn *wsConn) {
 	r.logf("user %d left: %s", c.uid, reason)
 }
 
-// join gives the connection a user id and a queue that starts with hello and
-// the history, and tells everyone else (nil: shutting down); under the lock
-// every broadcast takes, so the live events follow the history exactly.
+// join gives the connection the next user id and a queue that starts with
+// hello and the history, and tells everyone else; or it returns nil, while
+// shutting down. It holds the lock that every broadcast takes, so no message
+// can slip in between the history and the live events: none missed, none twice.
 func (r *room) join(conn *wsConn) (c *client, online int) {
 	r.mu.Lock()
 	defer r.mu.Unlock()
@@ -156,16 +158,16 @@ func (r *room) join(conn *wsConn) (c *client, online int) {
 	hello := encode(event{Type: "hello", UID: r.lastUID, Online: online, Run: r.run, History: len(r.history)})
 	c = &client{uid: r.lastUID, conn: conn, wake: make(chan struct{}, 1), queue: append([][]byte{hello}, r.history...)}
 	c.wakeWriter()
-	r.broadcastLocked(encode(event{Type: "join", UID: c.uid, Online: online}))
 	r.clients[c] = true
+	r.broadcastLocked(encode(event{Type: "join", UID: c.uid, Online: online}), c)
 	return c, online
 }
 
-// readMessages relays the client's messages until a read fails, and says why.
+// readMessages relays the client's messages until a read fails, and returns why.
 func (r *room) readMessages(c *client) (reason string) {
-	var bucketFull time.Time
+	var bucketFullAt time.Time
 	for {
-		r.waitForToken(&bucketFull) // part 2: a client that floods
+		r.limitFlood(&bucketFullAt) // waits, if the client sends too fast
 		text, err := c.conn.receiveText()
 		if err != nil {
 			return err.Error()
@@ -189,15 +191,18 @@ func (r *room) broadcastMessage(from *client, text string) {
 	if r.history = append(r.history, ev); len(r.history) > historySize {
 		r.history = r.history[1:]
 	}
-	r.broadcastLocked(ev)
+	r.broadcastLocked(ev, nil)
 }
 
-// broadcastLocked puts ev in every client's queue, and wakes their writers;
-// under r.mu, so everyone gets the same order. A client with queueLimit
-// events waiting is dropped (part 2: a client too slow to read).
-func (r *room) broadcastLocked(ev []byte) {
+// broadcastLocked puts ev into every client's queue but skip's, and wakes
+// their writers. r.mu is held, so everyone gets the events in one order. A
+// client with queueLimit events waiting already is dropped, after the loop.
+func (r *room) broadcastLocked(ev []byte, skip *client) {
 	var tooSlow []*client
 	for c := range r.clients {
+		if c == skip {
+			continue
+		}
 		c.mu.Lock()
 		if len(c.queue) < r.queueLimit {
 			c.queue = append(c.queue, ev)
@@ -212,8 +217,8 @@ func (r *room) broadcastLocked(ev []byte) {
 	}
 }
 
-// wakeWriter fills c.wake's one slot, if empty. r.mu must be held: a drop
-// closes wake under it, and a send on a closed channel panics.
+// wakeWriter tells c's writer there is something to send. wake holds one
+// signal, as one look at the queue finds all. r.mu must be held: see drop.
 func (c *client) wakeWriter() {
 	select {
 	case c.wake <- struct{}{}:
@@ -221,17 +226,17 @@ func (c *client) wakeWriter() {
 	}
 }
 
-// writeEvents is c's writer. Woken, it sends a ping if the clock asked for
-// one, then the queue, as many events per text frame as fit, one per line.
-// It ends once a drop has closed wake and all is sent, or a write fails.
+// writeEvents is c's writer. Each time it is woken, it sends a ping if the
+// room's clock asked for one, then all that is queued, several events to a
+// text frame. It ends once a drop has closed wake and the queue is empty,
+// or when a write fails.
 func (r *room) writeEvents(c *client) {
-	for range c.wake { // a closed channel still hands over a wake left in it
-		runtime.Gosched() // for speed only: broadcasts under way queue more, and frames are fuller
+	for range c.wake { // after close, range still delivers a signal left in wake
 		for {
 			var err error
-			if c.pingDue.Swap(false) { // first: part 2, a client that vanishes
+			if c.pingDue.Swap(false) {
 				err = c.conn.ping()
-			} else if events := c.takeQueue(); len(events) > 0 { // part 2: a client too slow to read
+			} else if events := c.takeQueue(); len(events) > 0 {
 				err = c.conn.sendText(bytes.Join(events, []byte("\n")))
 			} else {
 				break // all sent: wait to be woken
@@ -244,8 +249,15 @@ func (r *room) writeEvents(c *client) {
 	}
 }
 
-// drop takes c out of the room, and returns why: whoever gives up on c first
-// (reader, writer, broadcast, clock or shutdown) gives the reason that stands.
+// drop, or dropLocked with r.mu held, takes c out of the room, tells everyone
+// left, and ends c's goroutines. Whoever gives up on c first calls it (its
+// reader, its writer, a broadcast, the room's clock or shutdown); later calls
+// change nothing: drop returns the first reason given.
+//
+// It ends the goroutines the way Go cancels a blocked read or write: with a
+// deadline. A read deadline of now makes the reader's read fail at once. A
+// write deadline closeGrace away lets the writer send what is queued, then
+// the close frame, to a client that still reads; no longer.
 func (r *room) drop(c *client, reason string) string {
 	r.mu.Lock()
 	defer r.mu.Unlock()
@@ -253,11 +265,6 @@ func (r *room) drop(c *client, reason string) string {
 	return c.leftBecause
 }
 
-// dropLocked is drop with r.mu held. Its leave may find queues full and drop
-// those clients too (each drop takes one out: that ends). It ends c's
-// goroutines the way Go cancels blocked I/O, with deadlines: a read
-// deadline of now fails the reader's read at once; a write deadline
-// closeGrace away lets the writer send the queue and the close frame, no more.
 func (r *room) dropLocked(c *client, reason string) {
 	if !r.clients[c] {
 		return
@@ -267,14 +274,14 @@ func (r *room) dropLocked(c *client, reason string) {
 	c.conn.cutOff(closeGrace)
 	close(c.wake) // the writer ends once it has sent the queue
 	if !r.closing {
-		r.broadcastLocked(encode(event{Type: "leave", UID: c.uid, Online: len(r.clients)}))
+		r.broadcastLocked(encode(event{Type: "leave", UID: c.uid, Online: len(r.clients)}), nil)
 	}
 }
 
 // ---- Part 2: what the network does to the chat ----
 //
-// A LAN has phones that sleep and walk away, bots that send as fast as they
-// can, and other sites open in the same browser: each, and its rule.
+// Phones that sleep and walk away, bots that send as fast as they can, other
+// sites in the same browser: each story below is one, and the rule for it.
 
 type limits struct { // tests lower them on their own room
 	queueLimit    int           // events waiting for a client; one more and it is too slow
@@ -297,12 +304,11 @@ const (
 
 // A client too slow to read. A phone's screen turns off and its browser
 // stops reading: TCP's buffers fill, its writer blocks, and what the room
-// says meanwhile waits in its queue. Nobody else waits, but at queueLimit
-// events broadcastLocked drops the phone: after its loop, since within it
-// the leave would come after the event for some and before it for others.
-// Reading again in time, the phone catches up in frames of up to
-// maxFrameBytes (coder's client reads at most 32 KiB), which takeQueue
-// fills with the events that fit, at least one.
+// says meanwhile waits in its queue. At queueLimit events broadcastLocked
+// drops it; after its loop, as a leave queued within it would reach some
+// clients after the event and others before. If the phone reads again in
+// time, takeQueue gives it frames of up to maxFrameBytes: enough events to
+// catch up fast, few enough for clients that refuse larger frames.
 func (c *client) takeQueue() (events [][]byte) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
@@ -318,13 +324,11 @@ func (c *client) takeQueue() (events [][]byte) {
 }
 
 // A client that vanishes. A phone walks out of the Wi-Fi: no close frame,
-// no TCP reset, its packets just stop, and TCP would retry for a quarter of
-// an hour with the phone shown online. So the room listens: a client not
-// heard from for pingAfter (no message, no pong, not a byte) is sent a
-// ping, which every WebSocket client answers; one not heard from for
-// dropAfter is gone. A client that reads, even slowly, answers and stays
-// (its writer sends the ping before the queue); one that stops reading
-// stops answering. runClock looks once a second.
+// no TCP reset, just silence, and TCP would retry for a quarter of an hour.
+// So a client not heard from for pingAfter (no message, no pong, not a
+// byte) is sent a ping, which every WebSocket client answers, and one not
+// heard from for dropAfter is gone. A client that reads, however slowly,
+// answers (its writer sends the ping first); one that stops reading does not.
 func (r *room) runClock() {
 	for now := range time.Tick(time.Second) {
 		if !r.checkClients(now) {
@@ -351,28 +355,30 @@ func (r *room) checkClients(now time.Time) (running bool) {
 	return !r.closing
 }
 
-// A client that floods. A bot sends a thousand messages at once, which
-// would bury the conversation. So each client has a bucket of floodBurst
-// tokens that refills by one every floodInterval; each frame read takes
-// one, and with none left the reader waits, and TCP holds the client back:
-// nothing is lost. A person's quick burst finds the bucket full. The bucket
-// is one time, full: when it will be full again. With the defaults, a quiet
-// client's full is in the past; frames 1 to 20 pass at once, each moving it
-// 0.1 s on, to now+2 s; frame 21 waits until it is 1.9 s away: 0.1 s.
-func (r *room) waitForToken(full *time.Time) {
+// A client that floods. A bot sends a thousand messages at once: relayed at
+// once, they would bury the conversation. So each client has a bucket of
+// floodBurst tokens, refilled by one every floodInterval; each frame read
+// takes one, and with none left the reader waits. Nothing is lost: TCP holds
+// the client back meanwhile. A person's quick burst finds the bucket full.
+//
+// limitFlood keeps the bucket as one time, fullAt: when it will be full
+// again. Tokens left = floodBurst - (fullAt-now)/floodInterval; each frame
+// moves fullAt one interval on. With the defaults, frames 1 to 20 of a quiet
+// client pass at once, and move fullAt to now+2 s; frame 21 waits 0.1 s.
+func (r *room) limitFlood(fullAt *time.Time) {
 	now := time.Now()
-	if full.Before(now) {
-		*full = now // a full bucket fills no further
+	if fullAt.Before(now) {
+		*fullAt = now // a full bucket gets no fuller
 	}
-	time.Sleep(full.Sub(now) - time.Duration(r.floodBurst-1)*r.floodInterval)
-	*full = full.Add(r.floodInterval)
+	time.Sleep(fullAt.Sub(now) - time.Duration(r.floodBurst-1)*r.floodInterval) // until one token is left
+	*fullAt = fullAt.Add(r.floodInterval)
 }
 
-// A page from another site. Your browser can reach this server, so any page
-// you open could chat in your name. A browser sends the page's site as
-// Origin, and checkOrigin refuses one that is not the Host the request went
-// to; and since a page can re-point its own name at your LAN address (DNS
-// rebinding), Host must be an IP address or one of our names.
+// A page from another site. Any page you open could chat here in your name:
+// your browser can reach this server. The browser sends the page's site as
+// Origin, and checkOrigin refuses one that is not the Host asked for. A page
+// can also point its own name at your LAN address (DNS rebinding), so Host
+// must be an IP address or one of our names.
 func (r *room) checkOrigin(req *http.Request) error {
 	host := (&url.URL{Host: req.Host}).Hostname() // no port, no brackets
 	if net.ParseIP(host) == nil && !r.hosts[strings.ToLower(host)] {
@@ -412,7 +418,8 @@ func main() {
 	printURLs(os.Stdout, ln.Addr().(*net.TCPAddr))
 	r := newRoom(strings.Fields(strings.ReplaceAll(*hosts, ",", " "))...)
 	srv := r.server()
-	go closeOnSignal(srv)
+	signalled, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	context.AfterFunc(signalled, func() { stop(); log.Print("shutting down"); srv.Close() }) // stop: the next one kills
 	if err := srv.Serve(ln); err != http.ErrServerClosed {
 		log.Fatal(err)
 	}
@@ -435,20 +442,11 @@ func printURLs(w io.Writer, addr *net.TCPAddr) {
 	}
 }
 
-// Ctrl-C ends each connection with a close frame, after what was queued for
-// it, without hanging on a client that reads nothing. srv.Close stops new
-// connections only: net/http forgets a hijacked one. So shutdown drops
-// every client, with no leave (the page would show them leave one by one),
-// and waits for their connections to close. A second Ctrl-C kills at once.
-func closeOnSignal(srv *http.Server) {
-	stop := make(chan os.Signal, 1)
-	signal.Notify(stop, os.Interrupt, syscall.SIGTERM)
-	<-stop
-	signal.Stop(stop) // so that the next one kills
-	log.Print("shutting down")
-	srv.Close()
-}
-
+// Shutdown. Ctrl-C should end each connection with a close frame, after what
+// was queued for it, and not hang on a client that reads nothing. srv.Close
+// stops new connections only: net/http forgets hijacked ones. So shutdown
+// drops every client, with no leave (the page would show each leave), and
+// waits for their connections to close. A second Ctrl-C kills at once.
 func (r *room) shutdown() {
 	r.mu.Lock()
 	r.closing = true // join lets nobody in, and adds to conns no more
@@ -461,8 +459,8 @@ func (r *room) shutdown() {
 
 // ---- Part 3: what x/net/websocket leaves to us ----
 //
-// x/net does the handshake, frames and masking, and answers pings; what other
-// WebSocket libraries have besides, wsConn adds.
+// x/net does the handshake, frames and masking, and answers pings. wsConn
+// adds what other WebSocket libraries have besides.
 
 // A wsConn is one WebSocket connection, and when its client was last heard.
 type wsConn struct {
@@ -474,36 +472,39 @@ type wsConn struct {
 
 var started = time.Now()
 
-// upgrade takes the TCP connection from net/http (Hijack), so that net/http's
-// goroutine and buffers for the request end here, and starts a goroutine for
-// it that does the handshake, if check lets it, then calls serve; x/net
-// closes TCP when serve returns. Not x/net's websocket.Handler, which refuses
-// clients without Origin (all but browsers); and every subprotocol is
-// declined, which x/net would echo, as if it spoke it (or refuse two: 400).
+// upgrade serves a WebSocket handshake, if check lets it, and then calls
+// serve with the connection, on a goroutine of its own.
+//
+// The room's clock must know when each client was last heard, and a pong
+// counts; but x/net reads pongs inside Receive and drops them. It reads
+// every byte, though, through the *bufio.Reader it gets from Hijack, on the
+// http.ResponseWriter it is handed. So upgrade hijacks the connection from
+// net/http itself, and hands x/net a hijacked whose Hijack returns a reader
+// that reads through the wsConn: wsConn.Read notes the time. Taking the
+// connection also lets net/http's goroutine and buffers for the request go.
 func upgrade(w http.ResponseWriter, req *http.Request, check func(*http.Request) error, serve func(*wsConn)) {
 	netConn, rw, err := http.NewResponseController(w).Hijack()
 	if err != nil {
 		return // cannot happen on HTTP/1.1
 	}
-	early, _ := rw.Reader.Peek(rw.Reader.Buffered()) // what the client sent right behind the request
+	early, _ := rw.Reader.Peek(rw.Reader.Buffered()) // sent right behind the request, read by net/http
 	conn := &wsConn{r: io.MultiReader(bytes.NewReader(bytes.Clone(early)), netConn), remoteAddr: req.RemoteAddr}
 	conn.heard.Store(int64(time.Since(started)))
-	go websocket.Server{
+	go websocket.Server{ // not websocket.Handler: it refuses clients without Origin, all but browsers
 		Handshake: func(config *websocket.Config, req *http.Request) error {
-			config.Protocol = nil
+			config.Protocol = nil // decline every subprotocol: x/net would echo one, as if it spoke it
 			return check(req)
 		},
 		Handler: func(ws *websocket.Conn) {
 			ws.MaxPayloadBytes = maxMessageBytes // x/net's default is 32 MB
 			conn.ws = ws
-			serve(conn)
+			serve(conn) // x/net closes TCP when it returns
 		},
 	}.ServeHTTP(hijacked{nil, netConn, bufio.NewReadWriter(bufio.NewReaderSize(conn, 512), rw.Writer)}, req)
 }
 
-// hijacked hands x/net the connection as x/net takes it: from the Hijack of
-// the ResponseWriter it is given, the only method it calls (the embedded
-// one is nil). It reads every byte through that bufio.Reader, and so Read.
+// hijacked is a ResponseWriter whose Hijack returns a connection already
+// taken. x/net calls no other method (the embedded ResponseWriter is nil).
 type hijacked struct {
 	http.ResponseWriter
 	conn net.Conn
@@ -512,11 +513,8 @@ type hijacked struct {
 
 func (h hijacked) Hijack() (net.Conn, *bufio.ReadWriter, error) { return h.conn, h.rw, nil }
 
-// lastHeard is when a byte from the client last arrived: a message, a pong,
-// anything. x/net reads pongs inside Receive, drops them, but reads them
-// through Read.
+// lastHeard is when a byte last arrived: a message, a pong, anything.
 func (c *wsConn) lastHeard() time.Time { return started.Add(time.Duration(c.heard.Load())) }
-
 func (c *wsConn) Read(p []byte) (int, error) {
 	n, err := c.r.Read(p)
 	if n > 0 {
@@ -556,11 +554,10 @@ func (c *wsConn) ping() error { return pingFrame.Send(c.ws, nil) }
 
 var pingFrame = websocket.Codec{Marshal: func(any) ([]byte, byte, error) { return nil, websocket.PingFrame, nil }}
 
-// cutOff makes a read in progress fail now, and writes fail after grace.
-// x/net's Close would wait for a write blocked on a client that reads
-// nothing: it writes a close frame under the same lock. And no deadline
-// before: x/net writes pongs inside Receive under whatever write deadline
-// is set, and one left by a write long ago would fail a healthy client.
+// cutOff makes a read in progress fail now, and writes fail after grace. Not
+// x/net's Close, which writes a close frame under a write's lock, so it would
+// wait for a write blocked on a client that reads nothing. And no deadline
+// before: x/net writes pongs under whatever write deadline is set.
 func (c *wsConn) cutOff(grace time.Duration) {
 	c.ws.SetReadDeadline(time.Now())
 	c.ws.SetWriteDeadline(time.Now().Add(grace))

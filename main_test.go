@@ -1096,6 +1096,35 @@ func TestSlowClientIsDisconnectedWithoutDelayingOthers(t *testing.T) {
 	alice.expect(msg(1, "still here"))
 }
 
+// A join is a broadcast too, and may find a queue full. The newcomer is in
+// the room by then: it hears that leave, and every count stays right. Here
+// sleepy's queue is exactly full when carol joins.
+func TestNewcomerHearsTheLeaveItsJoinCaused(t *testing.T) {
+	r, srv := startServer(t, func(r *room) { r.floodInterval = 0 })
+	alice := joinRoom(t, srv, "alice", "sleepy")[0] // sleepy never reads
+	stallWriter(t, r, alice, 2, historySize+10)     // more than carol's hello and history
+	r.mu.Lock()
+	for c := range r.clients {
+		if c.uid == 2 {
+			c.mu.Lock()
+			r.queueLimit = len(c.queue)
+			c.mu.Unlock()
+		}
+	}
+	r.mu.Unlock()
+	carol := dial(t, srv, "carol")
+	hi, err := carol.read()
+	if err != nil || !hi.is(event{Type: "hello", UID: 3, Online: 3, History: hi.History}) {
+		t.Fatalf("carol: %+v %v", hi, err)
+	}
+	for range hi.History {
+		carol.read()
+	}
+	carol.expect(leave(2, 2))
+	alice.expect(join(3, 3))
+	alice.expect(leave(2, 2))
+}
+
 // A client whose queue is full is dropped after the broadcast that found it
 // so, and its leave lands at the same place in every stream: dropped
 // mid-loop, some would hear it before that message and others after. Here
