@@ -167,7 +167,6 @@ func (r *room) join(conn *wsConn) (c *client, online int) {
 func (r *room) readMessages(c *client) (reason string) {
 	var bucketFullAt time.Time
 	for {
-		r.limitFlood(&bucketFullAt) // waits, if the client sends too fast
 		text, err := c.conn.receiveText()
 		if err != nil {
 			return err.Error()
@@ -175,6 +174,7 @@ func (r *room) readMessages(c *client) (reason string) {
 		if text = strings.TrimSpace(text); text != "" {
 			r.broadcastMessage(c, text)
 		}
+		r.limitFlood(&bucketFullAt) // waits, if the client sends too fast
 	}
 }
 
@@ -361,17 +361,17 @@ func (r *room) checkClients(now time.Time) (running bool) {
 // takes one, and with none left the reader waits. Nothing is lost: TCP holds
 // the client back meanwhile. A person's quick burst finds the bucket full.
 //
-// limitFlood keeps the bucket as one time, fullAt: when it will be full
-// again. Tokens left = floodBurst - (fullAt-now)/floodInterval; each frame
-// moves fullAt one interval on. With the defaults, frames 1 to 20 of a quiet
-// client pass at once, and move fullAt to now+2 s; frame 21 waits 0.1 s.
+// limitFlood takes a token for the frame just read, and waits until there is
+// one for the next. It keeps the bucket as one time, fullAt: when it will be
+// full again. Tokens left = floodBurst - (fullAt-now)/floodInterval, and each
+// frame moves fullAt one interval on. With the defaults, frames 1 to 20 of a
+// quiet client pass at once and move fullAt to now+2 s; frame 21 waits 0.1 s.
 func (r *room) limitFlood(fullAt *time.Time) {
-	now := time.Now()
-	if fullAt.Before(now) {
+	if now := time.Now(); fullAt.Before(now) {
 		*fullAt = now // a full bucket gets no fuller
 	}
-	time.Sleep(fullAt.Sub(now) - time.Duration(r.floodBurst-1)*r.floodInterval) // until one token is left
 	*fullAt = fullAt.Add(r.floodInterval)
+	time.Sleep(time.Until(*fullAt) - time.Duration(r.floodBurst-1)*r.floodInterval)
 }
 
 // A page from another site. Any page you open could chat here in your name:
