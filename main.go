@@ -32,21 +32,16 @@ import (
 
 // ---- Part 1: the chat ----
 //
-// A WebSocket starts as an HTTP request: GET /ws, with "Upgrade: websocket".
-// The server answers 101 Switching Protocols, and from then on the TCP
-// connection carries frames, both ways, whenever either side likes. Here a
-// client's text frame is a chat message, and the server's text frames carry
-// events, one JSON object per line. A ping asks "still there?" and the other
-// side answers with a pong. A close frame ends the connection.
+// A WebSocket starts as an HTTP request, GET /ws with "Upgrade: websocket",
+// answered with 101 Switching Protocols; then the TCP connection carries
+// frames both ways, whenever either side likes. A client's text frame is a
+// chat message; the server's carry events, one JSON object per line. A ping
+// asks "still there?", a pong answers it, and a close frame ends the connection.
 //
 // Each connection has two goroutines. Its reader reads the client's messages
 // and puts each one into every client's queue; its writer sends its own
 // client's queue. A message goes into all the queues under the room's lock,
 // so every client gets the same order; a slow client delays only its writer.
-//
-// The locks: room.mu guards the room, and each client's leftBecause, pingedAt
-// and wake; client.mu guards the client's queue. Take room.mu first. Hold
-// neither while writing to the network or the log: either may block.
 
 //go:embed index.html
 var indexHTML []byte // the page; main, which serves it and the chat, is in part 2
@@ -62,8 +57,7 @@ type event struct {
 	History int    `json:"history,omitempty"` // hello: this many msg events follow
 }
 
-// encode makes ev one line of JSON (JSON escapes a message's newlines). It
-// leaves HTML unescaped: the page shows text, never HTML.
+// encode makes ev one line of JSON, with HTML unescaped: the page shows text.
 func encode(ev event) []byte {
 	var line bytes.Buffer
 	enc := json.NewEncoder(&line)
@@ -72,7 +66,10 @@ func encode(ev event) []byte {
 	return bytes.TrimSuffix(line.Bytes(), []byte("\n"))
 }
 
-// A room is everyone connected, and the last messages.
+// A room is everyone connected, and the last messages. The locks: room.mu
+// guards the fields below it, and each client's leftBecause, pingedAt and
+// wake; client.mu guards the client's queue. Take room.mu first. Hold neither
+// while writing to the network or the log: either may block.
 type room struct {
 	limits                                  // the rules of part 2
 	logf   func(format string, args ...any) // log.Printf; tests narrate
@@ -102,15 +99,14 @@ type client struct {
 
 // newRoom makes a room that answers to these names too, and starts its clock.
 func newRoom(names ...string) *room {
-	r := &room{limits: defaultLimits, logf: log.Printf, hosts: ourNames(names), run: rand.Text(),
-		clients: make(map[*client]bool)}
+	r := &room{limits: defaultLimits, logf: log.Printf, hosts: ourNames(names), run: rand.Text(), clients: map[*client]bool{}}
 	go r.runClock() // part 2: a client that vanishes
 	return r
 }
 
 // server serves the page at / and the chat at /ws. A request for /ws is a
-// WebSocket handshake: upgrade answers 101, takes the TCP connection from
-// net/http, and runs serveClient on a new goroutine, the client's reader.
+// WebSocket handshake: upgrade takes the TCP connection from net/http, and
+// on a new goroutine, the client's reader, answers 101 and runs serveClient.
 func (r *room) server() *http.Server {
 	mux := http.NewServeMux()
 	mux.HandleFunc("GET /{$}", func(w http.ResponseWriter, _ *http.Request) {
@@ -143,9 +139,8 @@ func (r *room) serveClient(conn *wsConn) {
 }
 
 // join gives the connection the next user id and a queue that starts with
-// hello and the history, and tells everyone else; or it returns nil, while
-// shutting down. It holds the lock that every broadcast takes, so no message
-// can slip in between the history and the live events: none missed, none twice.
+// hello and the history, and tells everyone else (nil: shutting down). It
+// holds the lock every broadcast takes: no message slips in between.
 func (r *room) join(conn *wsConn) (c *client, online int) {
 	r.mu.Lock()
 	defer r.mu.Unlock()
@@ -165,7 +160,7 @@ func (r *room) join(conn *wsConn) (c *client, online int) {
 
 // readMessages relays the client's messages until a read fails, and returns why.
 func (r *room) readMessages(c *client) (reason string) {
-	var bucketFullAt time.Time
+	var bucketFullAt time.Time // for flood control
 	for {
 		text, err := c.conn.receiveText()
 		if err != nil {
@@ -194,8 +189,8 @@ func (r *room) broadcastMessage(from *client, text string) {
 	r.broadcastLocked(ev, nil)
 }
 
-// broadcastLocked puts ev into every client's queue but skip's, and wakes
-// their writers. r.mu is held, so everyone gets the events in one order. A
+// broadcastLocked puts ev into every client's queue, except skip's, and
+// wakes their writers. r.mu is held, so everyone gets the events in one order. A
 // client with queueLimit events waiting already is dropped, after the loop.
 func (r *room) broadcastLocked(ev []byte, skip *client) {
 	var tooSlow []*client
@@ -218,7 +213,8 @@ func (r *room) broadcastLocked(ev []byte, skip *client) {
 }
 
 // wakeWriter tells c's writer there is something to send. wake holds one
-// signal, as one look at the queue finds all. r.mu must be held: see drop.
+// signal, as one look at the queue finds it all. r.mu must be held: a drop
+// closes wake under it, and a send on a closed channel panics.
 func (c *client) wakeWriter() {
 	select {
 	case c.wake <- struct{}{}:
@@ -226,10 +222,9 @@ func (c *client) wakeWriter() {
 	}
 }
 
-// writeEvents is c's writer. Each time it is woken, it sends a ping if the
-// room's clock asked for one, then all that is queued, several events to a
-// text frame. It ends once a drop has closed wake and the queue is empty,
-// or when a write fails.
+// writeEvents is c's writer. Woken, it sends a ping if the room's clock
+// asked for one, then all that is queued, several events to a frame. It ends
+// when a write fails, or once a drop closed wake and the queue is empty.
 func (r *room) writeEvents(c *client) {
 	for range c.wake { // after close, range still delivers a signal left in wake
 		for {
@@ -249,15 +244,13 @@ func (r *room) writeEvents(c *client) {
 	}
 }
 
-// drop, or dropLocked with r.mu held, takes c out of the room, tells everyone
-// left, and ends c's goroutines. Whoever gives up on c first calls it (its
-// reader, its writer, a broadcast, the room's clock or shutdown); later calls
-// change nothing: drop returns the first reason given.
-//
-// It ends the goroutines the way Go cancels a blocked read or write: with a
-// deadline. A read deadline of now makes the reader's read fail at once. A
-// write deadline closeGrace away lets the writer send what is queued, then
-// the close frame, to a client that still reads; no longer.
+// drop, or dropLocked with r.mu held, takes c out of the room and tells
+// everyone left. Whoever gives up on c first calls it (reader, writer, a
+// broadcast, the clock, shutdown); later calls change nothing, and drop
+// returns the first reason. It ends c's goroutines the way Go cancels a
+// blocked read or write, with deadlines: a read deadline of now fails the
+// reader's read at once; a write deadline closeGrace away lets the writer
+// send what is queued, and the close frame, to a client that still reads.
 func (r *room) drop(c *client, reason string) string {
 	r.mu.Lock()
 	defer r.mu.Unlock()
@@ -280,10 +273,9 @@ func (r *room) dropLocked(c *client, reason string) {
 
 // ---- Part 2: what the network does to the chat ----
 //
-// Phones that sleep and walk away, bots that send as fast as they can, other
-// sites in the same browser: each story below is one, and the rule for it.
-
-type limits struct { // tests lower them on their own room
+// Each story is something a LAN does to part 1, and the rule that answers it.
+// limits holds the rules; tests lower them on their own room.
+type limits struct {
 	queueLimit    int           // events waiting for a client; one more and it is too slow
 	pingAfter     time.Duration // nothing heard from a client for this long: ping it
 	dropAfter     time.Duration // nothing heard for this long, not even a pong: it is gone
@@ -304,11 +296,10 @@ const (
 
 // A client too slow to read. A phone's screen turns off and its browser
 // stops reading: TCP's buffers fill, its writer blocks, and what the room
-// says meanwhile waits in its queue. At queueLimit events broadcastLocked
-// drops it; after its loop, as a leave queued within it would reach some
-// clients after the event and others before. If the phone reads again in
-// time, takeQueue gives it frames of up to maxFrameBytes: enough events to
-// catch up fast, few enough for clients that refuse larger frames.
+// says waits in its queue. At queueLimit events broadcastLocked drops it,
+// after its loop: a leave queued within it would reach some clients after
+// the event and others before. A phone that reads again in time catches up
+// in frames of up to maxFrameBytes (takeQueue), which every client accepts.
 func (c *client) takeQueue() (events [][]byte) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
@@ -324,16 +315,13 @@ func (c *client) takeQueue() (events [][]byte) {
 }
 
 // A client that vanishes. A phone walks out of the Wi-Fi: no close frame,
-// no TCP reset, just silence, and TCP would retry for a quarter of an hour.
-// So a client not heard from for pingAfter (no message, no pong, not a
-// byte) is sent a ping, which every WebSocket client answers, and one not
-// heard from for dropAfter is gone. A client that reads, however slowly,
-// answers (its writer sends the ping first); one that stops reading does not.
+// no TCP reset, just silence; TCP would retry for a quarter of an hour. So a
+// client not heard from for pingAfter (no message, no pong, not a byte) is
+// sent a ping, which every WebSocket client answers, and one not heard from
+// for dropAfter is gone. A client that reads, however slowly, answers (the
+// ping goes first); one that stops reading does not. runClock looks each second.
 func (r *room) runClock() {
-	for now := range time.Tick(time.Second) {
-		if !r.checkClients(now) {
-			return // shutting down
-		}
+	for tick := time.Tick(time.Second); r.checkClients(<-tick); {
 	}
 }
 
@@ -345,7 +333,7 @@ func (r *room) checkClients(now time.Time) (running bool) {
 	for c := range r.clients {
 		switch quiet := now.Sub(c.conn.lastHeard()); {
 		case quiet >= r.dropAfter:
-			r.dropLocked(c, fmt.Sprintf("no answer to pings for %.0f s", r.dropAfter.Seconds()))
+			r.dropLocked(c, fmt.Sprintf("heard nothing for %.0f s", r.dropAfter.Seconds()))
 		case quiet >= r.pingAfter && now.Sub(c.pingedAt) >= r.pingAfter:
 			c.pingedAt = now
 			c.pingDue.Store(true)
@@ -355,23 +343,20 @@ func (r *room) checkClients(now time.Time) (running bool) {
 	return !r.closing
 }
 
-// A client that floods. A bot sends a thousand messages at once: relayed at
-// once, they would bury the conversation. So each client has a bucket of
-// floodBurst tokens, refilled by one every floodInterval; each frame read
-// takes one, and with none left the reader waits. Nothing is lost: TCP holds
-// the client back meanwhile. A person's quick burst finds the bucket full.
-//
-// limitFlood takes a token for the frame just read, and waits until there is
-// one for the next. It keeps the bucket as one time, fullAt: when it will be
-// full again. Tokens left = floodBurst - (fullAt-now)/floodInterval, and each
-// frame moves fullAt one interval on. With the defaults, frames 1 to 20 of a
-// quiet client pass at once and move fullAt to now+2 s; frame 21 waits 0.1 s.
+// A client that floods. A bot sends a thousand messages at once, which would
+// bury the conversation. So each client has a bucket of floodBurst tokens,
+// refilled by one every floodInterval; each frame read takes one, and with
+// none left the reader waits (TCP holds the client back: nothing is lost).
+// A person's burst finds it full. It is kept as one time, fullAt: when it
+// will be full again; tokens left = floodBurst - (fullAt-now)/floodInterval.
+// With the defaults, a quiet client's frames 1 to 20 pass at once, each
+// moving fullAt 0.1 s on, to now+2 s; frame 21 waits 0.1 s.
 func (r *room) limitFlood(fullAt *time.Time) {
 	if now := time.Now(); fullAt.Before(now) {
 		*fullAt = now // a full bucket gets no fuller
 	}
 	*fullAt = fullAt.Add(r.floodInterval)
-	time.Sleep(time.Until(*fullAt) - time.Duration(r.floodBurst-1)*r.floodInterval)
+	time.Sleep(time.Until(*fullAt) - time.Duration(r.floodBurst-1)*r.floodInterval) // until 1 token is left
 }
 
 // A page from another site. Any page you open could chat here in your name:
@@ -396,9 +381,11 @@ func (r *room) checkOrigin(req *http.Request) error {
 
 // ourNames are localhost, this machine's name, and those given with -host.
 func ourNames(names []string) map[string]bool {
-	hostname, _ := os.Hostname()
-	hostname = strings.TrimSuffix(strings.ToLower(hostname), ".local") // as macOS may give it
-	ours := map[string]bool{"localhost": true, hostname: true, hostname + ".local": true}
+	if hostname, _ := os.Hostname(); hostname != "" {
+		hostname = strings.TrimSuffix(hostname, ".local") // as macOS may give it
+		names = append(names, hostname, hostname+".local")
+	}
+	ours := map[string]bool{"localhost": true}
 	for _, name := range names {
 		ours[strings.ToLower(name)] = true
 	}
@@ -443,10 +430,9 @@ func printURLs(w io.Writer, addr *net.TCPAddr) {
 }
 
 // Shutdown. Ctrl-C should end each connection with a close frame, after what
-// was queued for it, and not hang on a client that reads nothing. srv.Close
-// stops new connections only: net/http forgets hijacked ones. So shutdown
-// drops every client, with no leave (the page would show each leave), and
-// waits for their connections to close. A second Ctrl-C kills at once.
+// was queued for it, without hanging on a client that reads nothing; but
+// srv.Close forgets hijacked connections. So shutdown drops every client,
+// with no leave (the page would show each), and waits for them to close.
 func (r *room) shutdown() {
 	r.mu.Lock()
 	r.closing = true // join lets nobody in, and adds to conns no more
@@ -459,37 +445,35 @@ func (r *room) shutdown() {
 
 // ---- Part 3: what x/net/websocket leaves to us ----
 //
-// x/net does the handshake, frames and masking, and answers pings. wsConn
-// adds what other WebSocket libraries have besides.
+// x/net does the handshake, frames and masking, and answers pings; wsConn adds
+// what other WebSocket libraries have besides (with those, this part would go).
 
 // A wsConn is one WebSocket connection, and when its client was last heard.
 type wsConn struct {
 	ws         *websocket.Conn
-	r          io.Reader    // the TCP connection, for Read
-	heard      atomic.Int64 // when a byte last arrived, as time since started (monotonic)
+	r          io.Reader // the TCP connection, for Read
 	remoteAddr string
+	started    time.Time
+	heard      atomic.Int64 // when a byte last arrived, as time since started (an atomic cannot hold a time.Time)
 }
 
-var started = time.Now()
-
 // upgrade serves a WebSocket handshake, if check lets it, and then calls
-// serve with the connection, on a goroutine of its own.
-//
-// The room's clock must know when each client was last heard, and a pong
-// counts; but x/net reads pongs inside Receive and drops them. It reads
-// every byte, though, through the *bufio.Reader it gets from Hijack, on the
-// http.ResponseWriter it is handed. So upgrade hijacks the connection from
-// net/http itself, and hands x/net a hijacked whose Hijack returns a reader
-// that reads through the wsConn: wsConn.Read notes the time. Taking the
-// connection also lets net/http's goroutine and buffers for the request go.
+// serve with the connection, on a goroutine of its own. The room's clock
+// must see pongs, which x/net reads inside Receive and drops; but x/net
+// reads every byte through the *bufio.Reader it gets by calling Hijack on
+// the ResponseWriter it is handed. So upgrade hijacks the connection itself
+// and hands x/net a ResponseWriter whose Hijack returns it with our reader:
+// TCP -> wsConn.Read, which notes the time -> a 512-byte bufio.Reader (chat
+// messages are short) -> x/net. That also frees net/http's goroutine, read
+// buffer and state for the request, which x/net would keep as long.
 func upgrade(w http.ResponseWriter, req *http.Request, check func(*http.Request) error, serve func(*wsConn)) {
 	netConn, rw, err := http.NewResponseController(w).Hijack()
 	if err != nil {
 		return // cannot happen on HTTP/1.1
 	}
 	early, _ := rw.Reader.Peek(rw.Reader.Buffered()) // sent right behind the request, read by net/http
-	conn := &wsConn{r: io.MultiReader(bytes.NewReader(bytes.Clone(early)), netConn), remoteAddr: req.RemoteAddr}
-	conn.heard.Store(int64(time.Since(started)))
+	conn := &wsConn{r: io.MultiReader(bytes.NewReader(bytes.Clone(early)), netConn), remoteAddr: req.RemoteAddr,
+		started: time.Now()}
 	go websocket.Server{ // not websocket.Handler: it refuses clients without Origin, all but browsers
 		Handshake: func(config *websocket.Config, req *http.Request) error {
 			config.Protocol = nil // decline every subprotocol: x/net would echo one, as if it spoke it
@@ -500,25 +484,24 @@ func upgrade(w http.ResponseWriter, req *http.Request, check func(*http.Request)
 			conn.ws = ws
 			serve(conn) // x/net closes TCP when it returns
 		},
-	}.ServeHTTP(hijacked{nil, netConn, bufio.NewReadWriter(bufio.NewReaderSize(conn, 512), rw.Writer)}, req)
+	}.ServeHTTP(hijacked{conn: netConn, rw: bufio.NewReadWriter(bufio.NewReaderSize(conn, 512), rw.Writer)}, req)
 }
 
-// hijacked is a ResponseWriter whose Hijack returns a connection already
-// taken. x/net calls no other method (the embedded ResponseWriter is nil).
+// hijacked is a ResponseWriter whose Hijack returns a connection already taken.
 type hijacked struct {
-	http.ResponseWriter
-	conn net.Conn
-	rw   *bufio.ReadWriter
+	http.ResponseWriter // nil: x/net calls no method but Hijack
+	conn                net.Conn
+	rw                  *bufio.ReadWriter
 }
 
 func (h hijacked) Hijack() (net.Conn, *bufio.ReadWriter, error) { return h.conn, h.rw, nil }
 
 // lastHeard is when a byte last arrived: a message, a pong, anything.
-func (c *wsConn) lastHeard() time.Time { return started.Add(time.Duration(c.heard.Load())) }
+func (c *wsConn) lastHeard() time.Time { return c.started.Add(time.Duration(c.heard.Load())) }
 func (c *wsConn) Read(p []byte) (int, error) {
 	n, err := c.r.Read(p)
 	if n > 0 {
-		c.heard.Store(int64(time.Since(started)))
+		c.heard.Store(int64(time.Since(c.started)))
 	}
 	return n, err
 }
@@ -563,6 +546,5 @@ func (c *wsConn) cutOff(grace time.Duration) {
 	c.ws.SetWriteDeadline(time.Now().Add(grace))
 }
 
-// close sends a close frame, then closes TCP. x/net's say 1000 (normal), with
-// no reason (after an unmasked frame, x/net has already sent one with 1002).
+// close sends a close frame (1000, no reason: x/net's only kind), and closes TCP.
 func (c *wsConn) close() { c.ws.Close() }

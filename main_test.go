@@ -708,7 +708,7 @@ func TestUnansweredPingsDropAClientAfterAMinute(t *testing.T) {
 		t.Fatal(err)
 	}
 	t.Log("60 s: dropped, with a close frame")
-	waitFor(t, "the log to say why", func() bool { return logs.contains("user 3 left: no answer to pings for 60 s") })
+	waitFor(t, "the log to say why", func() bool { return logs.contains("user 3 left: heard nothing for 60 s") })
 	alice.say("one leave only") // the ends of the read loop and of the writer sent no other
 	alice.expect(msg(1, "one leave only"))
 	bob.expect(msg(1, "one leave only"))
@@ -810,7 +810,7 @@ func TestBlockedClientLeavesByTheSameRule(t *testing.T) {
 	stallWriter(t, r, alice, 2, 10)
 	r.checkClients(r.lastHeard(2).Add(r.dropAfter))
 	alice.expect(leave(2, 1))
-	waitFor(t, "sleepy's goroutines to end", func() bool { return logs.contains("user 2 left: no answer to pings for 60 s") })
+	waitFor(t, "sleepy's goroutines to end", func() bool { return logs.contains("user 2 left: heard nothing for 60 s") })
 	alice.say("still here")
 	alice.expect(msg(1, "still here"))
 }
@@ -842,7 +842,7 @@ func TestPingingWithoutReadingIsHarmless(t *testing.T) {
 	alice.expect(msg(1, "not held up"))
 	r.checkClients(r.lastHeard(1).Add(r.dropAfter - time.Second)) // over a minute since the pinger was heard
 	alice.expect(leave(2, 1))
-	waitFor(t, "the pinger's read loop to end", func() bool { return logs.contains("user 2 left: no answer to pings for 60 s") })
+	waitFor(t, "the pinger's read loop to end", func() bool { return logs.contains("user 2 left: heard nothing for 60 s") })
 	alice.say("still here")
 	alice.expect(msg(1, "still here"))
 }
