@@ -21,6 +21,7 @@ import (
 	"net/url"
 	"os"
 	"os/signal"
+	"runtime"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -36,12 +37,11 @@ import (
 // answered with 101 Switching Protocols; then the TCP connection carries
 // frames both ways, whenever either side likes. A client's text frame is a
 // chat message; the server's carry events, one JSON object per line. A ping
-// asks "still there?", a pong answers it, and a close frame ends the connection.
+// asks "still there?", a pong answers, and a close frame ends the connection.
 //
-// Each connection has two goroutines. Its reader reads the client's messages
-// and puts each one into every client's queue; its writer sends its own
-// client's queue. A message goes into all the queues under the room's lock,
-// so every client gets the same order; a slow client delays only its writer.
+// Each connection has two goroutines. Its reader puts each message it reads
+// into every client's queue, under the room's lock, so that all get the same
+// order; its writer sends its own queue, so a slow client delays only itself.
 
 //go:embed index.html
 var indexHTML []byte // the page; main, which serves it and the chat, is in part 2
@@ -105,8 +105,8 @@ func newRoom(names ...string) *room {
 }
 
 // server serves the page at / and the chat at /ws. A request for /ws is a
-// WebSocket handshake: upgrade takes the TCP connection from net/http, and
-// on a new goroutine, the client's reader, answers 101 and runs serveClient.
+// WebSocket handshake: upgrade takes the TCP connection from net/http, and on
+// a new goroutine, the client's reader, answers 101 and runs serveClient.
 func (r *room) server() *http.Server {
 	mux := http.NewServeMux()
 	mux.HandleFunc("GET /{$}", func(w http.ResponseWriter, _ *http.Request) {
@@ -190,8 +190,9 @@ func (r *room) broadcastMessage(from *client, text string) {
 }
 
 // broadcastLocked puts ev into every client's queue, except skip's, and
-// wakes their writers. r.mu is held, so everyone gets the events in one order. A
-// client with queueLimit events waiting already is dropped, after the loop.
+// wakes their writers; r.mu is held, so all get one order. A client with
+// queueLimit events waiting is dropped, after the loop: a leave queued
+// within it would reach some clients after ev, and others before.
 func (r *room) broadcastLocked(ev []byte, skip *client) {
 	var tooSlow []*client
 	for c := range r.clients {
@@ -212,9 +213,9 @@ func (r *room) broadcastLocked(ev []byte, skip *client) {
 	}
 }
 
-// wakeWriter tells c's writer there is something to send. wake holds one
-// signal, as one look at the queue finds it all. r.mu must be held: a drop
-// closes wake under it, and a send on a closed channel panics.
+// wakeWriter tells c's writer there is something to send. wake buffers one
+// signal: enough, as a woken writer empties the whole queue. r.mu must be
+// held: a drop closes wake under it, and a send on a closed channel panics.
 func (c *client) wakeWriter() {
 	select {
 	case c.wake <- struct{}{}:
@@ -227,11 +228,12 @@ func (c *client) wakeWriter() {
 // when a write fails, or once a drop closed wake and the queue is empty.
 func (r *room) writeEvents(c *client) {
 	for range c.wake { // after close, range still delivers a signal left in wake
+		runtime.Gosched() // only for speed: broadcasts under way add to the queue, frames are fuller
 		for {
 			var err error
 			if c.pingDue.Swap(false) {
 				err = c.conn.ping()
-			} else if events := c.takeQueue(); len(events) > 0 {
+			} else if events := c.takeQueue(); len(events) > 0 { // up to 16 KiB (part 2)
 				err = c.conn.sendText(bytes.Join(events, []byte("\n")))
 			} else {
 				break // all sent: wait to be woken
@@ -273,9 +275,8 @@ func (r *room) dropLocked(c *client, reason string) {
 
 // ---- Part 2: what the network does to the chat ----
 //
-// Each story is something a LAN does to part 1, and the rule that answers it.
-// limits holds the rules; tests lower them on their own room.
-type limits struct {
+// Each story is something a LAN does to part 1, and the rule in limits for it.
+type limits struct { // tests lower them on their own room
 	queueLimit    int           // events waiting for a client; one more and it is too slow
 	pingAfter     time.Duration // nothing heard from a client for this long: ping it
 	dropAfter     time.Duration // nothing heard for this long, not even a pong: it is gone
@@ -296,10 +297,9 @@ const (
 
 // A client too slow to read. A phone's screen turns off and its browser
 // stops reading: TCP's buffers fill, its writer blocks, and what the room
-// says waits in its queue. At queueLimit events broadcastLocked drops it,
-// after its loop: a leave queued within it would reach some clients after
-// the event and others before. A phone that reads again in time catches up
-// in frames of up to maxFrameBytes (takeQueue), which every client accepts.
+// says waits in its queue, until broadcastLocked drops it at queueLimit
+// events. A phone that reads again in time catches up in frames of up to
+// maxFrameBytes (takeQueue), which every client accepts.
 func (c *client) takeQueue() (events [][]byte) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
@@ -314,12 +314,12 @@ func (c *client) takeQueue() (events [][]byte) {
 	return events
 }
 
-// A client that vanishes. A phone walks out of the Wi-Fi: no close frame,
-// no TCP reset, just silence; TCP would retry for a quarter of an hour. So a
-// client not heard from for pingAfter (no message, no pong, not a byte) is
-// sent a ping, which every WebSocket client answers, and one not heard from
-// for dropAfter is gone. A client that reads, however slowly, answers (the
-// ping goes first); one that stops reading does not. runClock looks each second.
+// A client that vanishes. A phone walks out of the Wi-Fi: no close frame, no
+// TCP reset, just silence; TCP would retry for a quarter of an hour. So a
+// client not heard from for pingAfter (no message, no pong, not a byte) gets
+// a ping, which every WebSocket client answers, and one not heard from for
+// dropAfter is gone. A client that reads, even slowly, answers (the ping goes
+// before its queue); one that stops reading does not. runClock: every second.
 func (r *room) runClock() {
 	for tick := time.Tick(time.Second); r.checkClients(<-tick); {
 	}
@@ -406,7 +406,7 @@ func main() {
 	r := newRoom(strings.Fields(strings.ReplaceAll(*hosts, ",", " "))...)
 	srv := r.server()
 	signalled, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
-	context.AfterFunc(signalled, func() { stop(); log.Print("shutting down"); srv.Close() }) // stop: the next one kills
+	context.AfterFunc(signalled, func() { stop(); log.Print("shutting down"); srv.Close() }) // after stop, a second Ctrl-C kills
 	if err := srv.Serve(ln); err != http.ErrServerClosed {
 		log.Fatal(err)
 	}
@@ -458,20 +458,20 @@ type wsConn struct {
 }
 
 // upgrade serves a WebSocket handshake, if check lets it, and then calls
-// serve with the connection, on a goroutine of its own. The room's clock
-// must see pongs, which x/net reads inside Receive and drops; but x/net
-// reads every byte through the *bufio.Reader it gets by calling Hijack on
-// the ResponseWriter it is handed. So upgrade hijacks the connection itself
-// and hands x/net a ResponseWriter whose Hijack returns it with our reader:
-// TCP -> wsConn.Read, which notes the time -> a 512-byte bufio.Reader (chat
-// messages are short) -> x/net. That also frees net/http's goroutine, read
-// buffer and state for the request, which x/net would keep as long.
+// serve with the connection, on a goroutine of its own. The goal: every byte
+// x/net reads passes through wsConn.Read, which notes the time, so that the
+// room's clock sees pongs (x/net reads them inside Receive and drops them).
+// x/net reads through the *bufio.Reader it gets by calling Hijack on the
+// ResponseWriter it is handed; so upgrade hijacks the connection itself and
+// hands x/net one whose Hijack returns: TCP -> wsConn.Read -> a 512-byte
+// bufio.Reader (chat messages are short). That also frees net/http's
+// goroutine, read buffer and state for the request.
 func upgrade(w http.ResponseWriter, req *http.Request, check func(*http.Request) error, serve func(*wsConn)) {
 	netConn, rw, err := http.NewResponseController(w).Hijack()
 	if err != nil {
 		return // cannot happen on HTTP/1.1
 	}
-	early, _ := rw.Reader.Peek(rw.Reader.Buffered()) // sent right behind the request, read by net/http
+	early, _ := rw.Reader.Peek(rw.Reader.Buffered()) // sent right behind the request; copied, as net/http's buffer goes
 	conn := &wsConn{r: io.MultiReader(bytes.NewReader(bytes.Clone(early)), netConn), remoteAddr: req.RemoteAddr,
 		started: time.Now()}
 	go websocket.Server{ // not websocket.Handler: it refuses clients without Origin, all but browsers
@@ -539,8 +539,8 @@ var pingFrame = websocket.Codec{Marshal: func(any) ([]byte, byte, error) { retur
 
 // cutOff makes a read in progress fail now, and writes fail after grace. Not
 // x/net's Close, which writes a close frame under a write's lock, so it would
-// wait for a write blocked on a client that reads nothing. And no deadline
-// before: x/net writes pongs under whatever write deadline is set.
+// wait for a write blocked on a client that reads nothing. Until a drop, no
+// deadline is set at all: x/net writes pongs under whatever deadline is set.
 func (c *wsConn) cutOff(grace time.Duration) {
 	c.ws.SetReadDeadline(time.Now())
 	c.ws.SetWriteDeadline(time.Now().Add(grace))
