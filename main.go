@@ -55,6 +55,7 @@ type event struct {
 	Msg     string `json:"msg,omitempty"`
 	Run     string `json:"run,omitempty"`     // hello: new each time the server starts
 	History int    `json:"history,omitempty"` // hello: this many msg events follow
+	At      int64  `json:"at,omitempty"`      // msg: when the server relayed it, in Unix milliseconds
 }
 
 // encode makes ev one line of JSON, with HTML unescaped: the page shows text.
@@ -182,7 +183,7 @@ func (r *room) broadcastMessage(from *client, text string) {
 		return
 	}
 	r.lastMsgID++
-	ev := encode(event{Type: "msg", ID: r.lastMsgID, UID: from.uid, Msg: text})
+	ev := encode(event{Type: "msg", ID: r.lastMsgID, UID: from.uid, Msg: text, At: time.Now().UnixMilli()})
 	if r.history = append(r.history, ev); len(r.history) > historySize {
 		r.history = r.history[1:]
 	}
@@ -392,7 +393,7 @@ func ourNames(names []string) map[string]bool {
 	return ours
 }
 
-// Starting and stopping. main listens, says where, and serves until a signal.
+// Starting: main listens, prints where to point a browser, and serves.
 func main() {
 	addr := flag.String("addr", ":8080", "`host:port` to listen on; :0 picks a free port")
 	hosts := flag.String("host", "", "other `names` of this server, comma-separated, for the chat to accept")
@@ -413,7 +414,6 @@ func main() {
 	r.shutdown()
 }
 
-// printURLs says where to point a browser: here, and at each LAN address.
 func printURLs(w io.Writer, addr *net.TCPAddr) {
 	fmt.Fprintln(w, "wschat is running. Open it in a browser:")
 	if !addr.IP.IsUnspecified() {

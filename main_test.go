@@ -121,7 +121,7 @@ var protocolFields = map[string]struct{ all, optional []string }{
 	"hello": {[]string{"type", "uid", "online", "run", "history"}, []string{"history"}},
 	"join":  {[]string{"type", "uid", "online"}, nil},
 	"leave": {[]string{"type", "uid", "online"}, nil},
-	"msg":   {[]string{"type", "id", "uid", "msg"}, nil},
+	"msg":   {[]string{"type", "id", "uid", "msg", "at"}, nil},
 }
 
 // checkFields decodes line into ev, and fails unless it has exactly the
@@ -205,11 +205,14 @@ func (tc *testClient) expectClosed() {
 	tc.t.Logf("%s: connection closed by the server (%v)", tc.name, err)
 }
 
-// is reports whether ev is want. A want with no message id or run matches
-// any: the stories that care name them.
+// is reports whether ev is want. A want with no message id, time or run
+// matches any: the stories that care name them.
 func (ev event) is(want event) bool {
 	if want.ID == 0 {
 		ev.ID = 0
+	}
+	if want.At == 0 {
+		ev.At = 0
 	}
 	if want.Run == "" {
 		ev.Run = ""
@@ -858,10 +861,13 @@ func TestNewcomerIsSentTheHistory(t *testing.T) {
 	alice, bob := users[0], users[1]
 	var heard []string
 	for i, text := range []string{"one", "two", "three"} {
+		before := time.Now().UnixMilli()
 		bob.say(text)
 		line, err := alice.readLine()
-		if err != nil || line != fmt.Sprintf(`{"type":"msg","id":%d,"uid":2,"msg":%q}`, i+1, text) {
-			t.Fatalf("alice got %q (%v)", line, err)
+		prefix := fmt.Sprintf(`{"type":"msg","id":%d,"uid":2,"msg":%q,"at":`, i+1, text)
+		at, _ := strconv.ParseInt(strings.TrimSuffix(strings.TrimPrefix(line, prefix), "}"), 10, 64)
+		if err != nil || !strings.HasPrefix(line, prefix) || at < before || at > time.Now().UnixMilli() {
+			t.Fatalf("alice got %q (%v), want message %d with the time it was relayed (from %d)", line, err, i+1, before)
 		}
 		heard = append(heard, line)
 	}
@@ -875,7 +881,7 @@ func TestNewcomerIsSentTheHistory(t *testing.T) {
 			t.Fatalf("carol got %q (%v), want %q, as alice had it", line, err, want)
 		}
 	}
-	t.Logf("carol received the 3 messages byte for byte, and no join or leave")
+	t.Logf("carol received the 3 messages byte for byte, their times included, and no join or leave")
 	alice.expect(join(3, 2))
 	alice.say("now live")
 	carol.expect(msg(1, "now live"))
