@@ -67,10 +67,9 @@ func encode(ev event) []byte {
 	return bytes.TrimSuffix(line.Bytes(), []byte("\n"))
 }
 
-// A room is everyone connected, and the last messages. The locks: room.mu
-// guards the fields below it, and each client's leftBecause, pingedAt and
-// wake; client.mu guards the client's queue. Take room.mu first. Hold neither
-// while writing to the network or the log: either may block.
+// A room is everyone connected, and the last messages. Locks: room.mu guards
+// the fields below it, and each client's leftBecause, pingedAt and wake;
+// client.mu, its queue. room.mu comes first; no I/O, not even a log, under either.
 type room struct {
 	limits                                  // the rules of part 2
 	logf   func(format string, args ...any) // log.Printf; tests narrate
@@ -88,7 +87,7 @@ type room struct {
 // A client is one connection in the room.
 type client struct {
 	uid         int
-	conn        *wsConn       // the WebSocket connection
+	conn        *wsConn       // the WebSocket: receiveText, sendText, ping, cutOff, close (part 3)
 	wake        chan struct{} // tells the writer there is something to send
 	leftBecause string        // why the client left: the first reason given
 	pingedAt    time.Time     // when the room's clock last asked for a ping
@@ -105,9 +104,9 @@ func newRoom(names ...string) *room {
 	return r
 }
 
-// server serves the page at / and the chat at /ws. A request for /ws is a
-// WebSocket handshake: upgrade takes the TCP connection from net/http, and on
-// a new goroutine, the client's reader, answers 101 and runs serveClient.
+// server serves the page at / and the chat at /ws. upgrade takes a /ws
+// request's TCP connection from net/http and, on a new goroutine (part 3 says
+// why), the client's reader, answers the handshake with 101 and runs serveClient.
 func (r *room) server() *http.Server {
 	mux := http.NewServeMux()
 	mux.HandleFunc("GET /{$}", func(w http.ResponseWriter, _ *http.Request) {
@@ -192,8 +191,8 @@ func (r *room) broadcastMessage(from *client, text string) {
 
 // broadcastLocked puts ev into every client's queue, except skip's, and
 // wakes their writers; r.mu is held, so all get one order. A client with
-// queueLimit events waiting is dropped, after the loop: a leave queued
-// within it would reach some clients after ev, and others before.
+// queueLimit events waiting is dropped after the loop: within it, its leave
+// would go after ev to the clients already done, and before ev to the rest.
 func (r *room) broadcastLocked(ev []byte, skip *client) {
 	var tooSlow []*client
 	for c := range r.clients {
@@ -229,7 +228,7 @@ func (c *client) wakeWriter() {
 // when a write fails, or once a drop closed wake and the queue is empty.
 func (r *room) writeEvents(c *client) {
 	for range c.wake { // after close, range still delivers a signal left in wake
-		runtime.Gosched() // only for speed: broadcasts under way add to the queue, frames are fuller
+		runtime.Gosched() // only for speed (measured): broadcasts under way add to the queue
 		for {
 			var err error
 			if c.pingDue.Swap(false) {
@@ -296,11 +295,10 @@ const (
 	closeGrace      = time.Second // after a drop, for the last writes and the close frame
 )
 
-// A client too slow to read. A phone's screen turns off and its browser
-// stops reading: TCP's buffers fill, its writer blocks, and what the room
-// says waits in its queue, until broadcastLocked drops it at queueLimit
-// events. A phone that reads again in time catches up in frames of up to
-// maxFrameBytes (takeQueue), which every client accepts.
+// A client too slow to read. A phone's screen turns off and its browser stops
+// reading: TCP's buffers fill, its writer blocks, and what the room says waits
+// in its queue, until broadcastLocked drops it at queueLimit events. Reading
+// again in time, it catches up in frames of up to maxFrameBytes (takeQueue).
 func (c *client) takeQueue() (events [][]byte) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
@@ -316,13 +314,15 @@ func (c *client) takeQueue() (events [][]byte) {
 }
 
 // A client that vanishes. A phone walks out of the Wi-Fi: no close frame, no
-// TCP reset, just silence; TCP would retry for a quarter of an hour. So a
-// client not heard from for pingAfter (no message, no pong, not a byte) gets
-// a ping, which every WebSocket client answers, and one not heard from for
-// dropAfter is gone. A client that reads, even slowly, answers (the ping goes
-// before its queue); one that stops reading does not. runClock: every second.
+// TCP reset, just silence, which TCP would retry for a quarter of an hour. So
+// a client not heard from for pingAfter (not a byte) gets a ping, which every
+// WebSocket client answers; one not heard from for dropAfter is gone. One that
+// reads, even slowly, answers (the ping goes first); one that stops does not.
 func (r *room) runClock() {
-	for tick := time.Tick(time.Second); r.checkClients(<-tick); {
+	for now := range time.Tick(time.Second) {
+		if !r.checkClients(now) {
+			return // shutting down
+		}
 	}
 }
 
@@ -350,8 +350,8 @@ func (r *room) checkClients(now time.Time) (running bool) {
 // none left the reader waits (TCP holds the client back: nothing is lost).
 // A person's burst finds it full. It is kept as one time, fullAt: when it
 // will be full again; tokens left = floodBurst - (fullAt-now)/floodInterval.
-// With the defaults, a quiet client's frames 1 to 20 pass at once, each
-// moving fullAt 0.1 s on, to now+2 s; frame 21 waits 0.1 s.
+// With the defaults, a quiet client's frames 1 to 20 each move fullAt 0.1 s
+// on, to now+2 s; after frame 20 the reader sleeps 0.1 s, until one is left.
 func (r *room) limitFlood(fullAt *time.Time) {
 	if now := time.Now(); fullAt.Before(now) {
 		*fullAt = now // a full bucket gets no fuller
@@ -454,18 +454,18 @@ type wsConn struct {
 	r          io.Reader // the TCP connection, for Read
 	remoteAddr string
 	started    time.Time
-	heard      atomic.Int64 // when a byte last arrived, as time since started (an atomic cannot hold a time.Time)
+	heard      atomic.Int64 // when a byte last arrived, as time since started: a cheap atomic
 }
 
 // upgrade serves a WebSocket handshake, if check lets it, and then calls
-// serve with the connection, on a goroutine of its own. The goal: every byte
-// x/net reads passes through wsConn.Read, which notes the time, so that the
-// room's clock sees pongs (x/net reads them inside Receive and drops them).
-// x/net reads through the *bufio.Reader it gets by calling Hijack on the
-// ResponseWriter it is handed; so upgrade hijacks the connection itself and
-// hands x/net one whose Hijack returns: TCP -> wsConn.Read -> a 512-byte
-// bufio.Reader (chat messages are short). That also frees net/http's
-// goroutine, read buffer and state for the request.
+// serve with the connection, on a goroutine of its own. The problem: x/net
+// reads pongs inside Receive and drops them, and the room's clock must see
+// them. The fix: x/net reads every byte through the *bufio.Reader it gets by
+// calling Hijack on the ResponseWriter it is handed. So upgrade 1. hijacks
+// the connection itself, 2. puts wsConn.Read, which notes the time, in front
+// of it, and 3. hands x/net a ResponseWriter whose Hijack returns a 512-byte
+// bufio.Reader (chat messages are short) on wsConn. net/http's goroutine,
+// read buffer and request state can then go, where x/net would keep them.
 func upgrade(w http.ResponseWriter, req *http.Request, check func(*http.Request) error, serve func(*wsConn)) {
 	netConn, rw, err := http.NewResponseController(w).Hijack()
 	if err != nil {
@@ -539,8 +539,8 @@ var pingFrame = websocket.Codec{Marshal: func(any) ([]byte, byte, error) { retur
 
 // cutOff makes a read in progress fail now, and writes fail after grace. Not
 // x/net's Close, which writes a close frame under a write's lock, so it would
-// wait for a write blocked on a client that reads nothing. Until a drop, no
-// deadline is set at all: x/net writes pongs under whatever deadline is set.
+// wait for a write blocked on a client that reads nothing. No deadline is set
+// before: x/net writes pongs too, and one left from a write would fail them.
 func (c *wsConn) cutOff(grace time.Duration) {
 	c.ws.SetReadDeadline(time.Now())
 	c.ws.SetWriteDeadline(time.Now().Add(grace))

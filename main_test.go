@@ -3,8 +3,8 @@ package main
 // These tests drive the real server: an httptest.Server in front of main's
 // routes, and WebSocket clients over real TCP. `go test -v -run
 // TestMessageReachesEveryone` shows one broadcast, step by step. The first
-// story comes first; then helpers, the other stories, the real main in a
-// child process, and the benchmarks.
+// story comes first; then helpers, the other stories, and the real main in a
+// child process.
 
 import (
 	"bufio"
@@ -724,19 +724,6 @@ func TestUnansweredPingsDropAClientAfterAMinute(t *testing.T) {
 func TestPongsAndPingsCountAsHeard(t *testing.T) {
 	r, srv := startServer(t, nil)
 	conn, br := rawJoin(t, srv.Listener.Addr().String())
-	expectFrame := func(opcode byte, contains string) { // past the server's pings, but the one asked for
-		t.Helper()
-		for {
-			got, payload, err := readRawFrame(br)
-			if got == websocket.PingFrame && opcode != websocket.PingFrame {
-				continue
-			}
-			if err != nil || got != opcode || !strings.Contains(string(payload), contains) {
-				t.Fatalf("got opcode %d %q (%v), want opcode %d with %q", got, payload, err, opcode, contains)
-			}
-			return
-		}
-	}
 	stillThereAfter := func(heard time.Time, what string) {
 		t.Helper()
 		waitFor(t, what+" to be heard", func() bool { return r.lastHeard(1).After(heard) })
@@ -748,19 +735,20 @@ func TestPongsAndPingsCountAsHeard(t *testing.T) {
 	}
 	heard := r.lastHeard(1)
 	r.checkClients(heard.Add(r.pingAfter))
-	expectFrame(websocket.PingFrame, "")
+	expectFrame(t, br, websocket.PingFrame, "")
 	conn.Write(clientFrame(websocket.PongFrame, ""))
 	stillThereAfter(heard, "a pong")
+	expectFrame(t, br, websocket.PingFrame, "") // quiet for 30 s again, at that made-up time
 
 	heard = r.lastHeard(1)
 	conn.Write(clientFrame(websocket.PingFrame, "are you there?"))
-	expectFrame(websocket.PongFrame, "are you there?")
+	expectFrame(t, br, websocket.PongFrame, "are you there?")
 	stillThereAfter(heard, "a ping")
 
 	heard = r.lastHeard(1)
 	pongs := bytes.Repeat(clientFrame(websocket.PongFrame, "unasked"), 1000)
 	conn.Write(append(pongs, clientFrame(websocket.TextFrame, "after 1000 pongs")...))
-	expectFrame(websocket.TextFrame, "after 1000 pongs")
+	expectFrame(t, br, websocket.TextFrame, "after 1000 pongs")
 	stillThereAfter(heard, "1000 pongs")
 }
 
@@ -802,22 +790,6 @@ func TestLurkerInABusyRoomIsPinged(t *testing.T) {
 	t.Logf("the ping came before message %d of %d, and every message came, in order", pingAt, sent)
 }
 
-// A client that stops reading altogether (asleep, or gone while the server
-// wrote to it) answers no ping either: the same rule drops it a minute after
-// it was last heard, though its writer is blocked in a write. The drop ends
-// that write, and the client's goroutines end.
-func TestBlockedClientLeavesByTheSameRule(t *testing.T) {
-	logs := &logRecorder{t: t}
-	r, srv := startServer(t, func(r *room) { r.floodInterval, r.logf = 0, logs.logf })
-	alice := joinRoom(t, srv, "alice", "sleepy")[0] // sleepy never reads
-	stallWriter(t, r, alice, 2, 10)
-	r.checkClients(r.lastHeard(2).Add(r.dropAfter))
-	alice.expect(leave(2, 1))
-	waitFor(t, "sleepy's goroutines to end", func() bool { return logs.contains("user 2 left: heard nothing for 60 s") })
-	alice.say("still here")
-	alice.expect(msg(1, "still here"))
-}
-
 // A client that floods pings and reads nothing piles up pongs, which x/net
 // writes from the server's read loop, so that loop blocks and stops reading
 // the pinger. Nobody else notices; the pinger, no longer heard, goes by the
@@ -828,18 +800,7 @@ func TestPingingWithoutReadingIsHarmless(t *testing.T) {
 	alice := joinRoom(t, srv, "alice")[0]
 	pinger, _ := rawJoin(t, srv.Listener.Addr().String())
 	alice.expect(join(2, 2))
-	pinger.(*net.TCPConn).SetReadBuffer(4096) // a few pongs fill it
-	t.Log("the pinger sends pings, 125 bytes each, and reads nothing")
-	pings := bytes.Repeat(clientFrame(websocket.PingFrame, strings.Repeat("p", 125)), 100)
-	for i := 0; ; i++ {
-		pinger.SetWriteDeadline(time.Now().Add(2 * time.Second))
-		if _, err := pinger.Write(pings); err != nil {
-			break
-		}
-		if i == 100_000 {
-			t.Fatal("the server never stopped reading the pinger")
-		}
-	}
+	pingUntilUnread(t, pinger)
 	t.Log("for 2 s the server has read nothing of the pinger's; alice chats")
 	alice.say("not held up")
 	alice.expect(msg(1, "not held up"))
@@ -848,6 +809,23 @@ func TestPingingWithoutReadingIsHarmless(t *testing.T) {
 	waitFor(t, "the pinger's read loop to end", func() bool { return logs.contains("user 2 left: heard nothing for 60 s") })
 	alice.say("still here")
 	alice.expect(msg(1, "still here"))
+}
+
+// pingUntilUnread sends pings, 125 bytes each, and reads none of the pongs,
+// until for 2 s the server has read nothing more: it is stuck writing a pong.
+func pingUntilUnread(t testing.TB, pinger net.Conn) {
+	t.Helper()
+	pinger.(*net.TCPConn).SetReadBuffer(4096) // a few pongs fill it
+	pings := bytes.Repeat(clientFrame(websocket.PingFrame, strings.Repeat("p", 125)), 100)
+	for i := 0; ; i++ {
+		if i == 100_000 {
+			t.Fatal("the server never stopped reading the pinger")
+		}
+		pinger.SetWriteDeadline(time.Now().Add(2 * time.Second))
+		if _, err := pinger.Write(pings); err != nil {
+			return
+		}
+	}
 }
 
 // ---- Delivery guarantees ----
@@ -1507,17 +1485,7 @@ func TestMainStopsAtOnceOnASecondSignal(t *testing.T) {
 	}
 	p := startMain(t, "-addr", "127.0.0.1:0")
 	pinger, _ := rawJoin(t, p.addr)
-	pinger.(*net.TCPConn).SetReadBuffer(4096)
-	pings := bytes.Repeat(clientFrame(websocket.PingFrame, strings.Repeat("p", 125)), 100)
-	for i := 0; ; i++ {
-		pinger.SetWriteDeadline(time.Now().Add(2 * time.Second))
-		if _, err := pinger.Write(pings); err != nil {
-			break
-		}
-		if i == 100_000 {
-			t.Fatal("main never stopped reading the pinger")
-		}
-	}
+	pingUntilUnread(t, pinger)
 	t.Log("main's write of a pong to the pinger is stuck; Ctrl-C")
 	p.cmd.Process.Signal(os.Interrupt)
 	waitFor(t, "main to shut down", func() bool { return p.logs.contains("shutting down") })
@@ -1628,105 +1596,4 @@ func TestPrintedURLsOpenThePage(t *testing.T) {
 		}
 		t.Logf("listening on %s, printed %q: each serves the page", addr, urls)
 	}
-}
-
-// ---- Benchmarks ----
-//
-//	go test -bench Broadcast -run '^$'
-
-// A tally counts deliveries from many reader goroutines; one goroutine may
-// wait for a count.
-type tally struct {
-	mu      sync.Mutex
-	count   int
-	target  int
-	reached chan struct{}
-}
-
-func (t *tally) add(n int) {
-	t.mu.Lock()
-	defer t.mu.Unlock()
-	if t.count += n; t.reached != nil && t.count >= t.target {
-		close(t.reached)
-		t.reached = nil
-	}
-}
-
-// waitFor waits until the count reaches target, failing after a minute.
-func (t *tally) waitFor(tb testing.TB, target int) {
-	t.mu.Lock()
-	reached := make(chan struct{})
-	if t.target, t.reached = target, reached; t.count >= target {
-		close(reached)
-	}
-	t.mu.Unlock()
-	select {
-	case <-reached:
-	case <-time.After(time.Minute):
-		tb.Fatalf("gave up waiting for %d deliveries", target)
-	}
-}
-
-// BenchmarkBroadcast measures what one message costs, sent by one client and
-// received by every client, server and in-process clients together. In the
-// plain variant one sender waits for each message to reach everyone before it
-// sends the next, so every frame carries one event. In the burst variant 10
-// senders send 10 messages each at once, and the writers batch.
-func BenchmarkBroadcast(b *testing.B) {
-	for _, burst := range []bool{false, true} {
-		for _, clients := range []int{10, 100, 1000} {
-			name := fmt.Sprintf("clients=%d", clients)
-			if burst {
-				name = "burst/" + name
-			}
-			b.Run(name, func(b *testing.B) { benchBroadcast(b, clients, burst) })
-		}
-	}
-}
-
-func benchBroadcast(b *testing.B, clients int, burst bool) {
-	senders, perSender := 1, 1
-	if burst {
-		senders, perSender = 10, 10
-	}
-	_, srv := startServer(b, func(r *room) { r.logf, r.floodInterval = func(string, ...any) {}, 0 })
-	var delivered tally
-	var frames atomic.Int64
-	var readers sync.WaitGroup
-	b.Cleanup(readers.Wait) // runs after the clients' cleanups close them
-	conns := make([]*websocket.Conn, clients)
-	for i := range conns {
-		conns[i] = dial(b, srv, "").conn
-		readers.Go(func() {
-			for frame := []byte(nil); websocket.Message.Receive(conns[i], &frame) == nil; {
-				frames.Add(1)
-				delivered.add(bytes.Count(frame, []byte(`{"type":"msg"`)))
-			}
-		})
-	}
-	websocket.Message.Send(conns[0], "warm-up") // behind every join, in every queue
-	delivered.waitFor(b, clients)
-	frames.Store(0)
-
-	b.ReportAllocs()
-	b.ResetTimer()
-	for sent := 0; sent < b.N; {
-		round := min(senders*perSender, b.N-sent)
-		var wg sync.WaitGroup
-		for s := range senders {
-			wg.Go(func() {
-				for i := s; i < round; i += senders { // the round's messages, dealt out in turn
-					websocket.Message.Send(conns[s], "a message of a typical length for a chat")
-				}
-			})
-		}
-		wg.Wait()
-		sent += round
-		delivered.waitFor(b, clients+sent*clients)
-	}
-	b.StopTimer()
-	perDelivery := float64(b.Elapsed().Nanoseconds()) / float64(b.N*clients)
-	b.ReportMetric(perDelivery, "ns/delivery")
-	b.ReportMetric(1e9/perDelivery, "deliveries/s")
-	b.ReportMetric(float64(b.N*clients)/float64(frames.Load()), "events/frame")
 }
