@@ -105,8 +105,8 @@ func newRoom(names ...string) *room {
 }
 
 // server serves the page at / and the chat at /ws. upgrade takes a /ws
-// request's TCP connection from net/http and, on a new goroutine (part 3 says
-// why), the client's reader, answers the handshake with 101 and runs serveClient.
+// request's TCP connection from net/http and starts a goroutine, the client's
+// reader, which answers 101 and runs serveClient (part 3 says why a new one).
 func (r *room) server() *http.Server {
 	mux := http.NewServeMux()
 	mux.HandleFunc("GET /{$}", func(w http.ResponseWriter, _ *http.Request) {
@@ -228,7 +228,7 @@ func (c *client) wakeWriter() {
 // when a write fails, or once a drop closed wake and the queue is empty.
 func (r *room) writeEvents(c *client) {
 	for range c.wake { // after close, range still delivers a signal left in wake
-		runtime.Gosched() // only for speed (measured): broadcasts under way add to the queue
+		runtime.Gosched() // not for correctness: broadcasts under way add to the queue, frames get fuller
 		for {
 			var err error
 			if c.pingDue.Swap(false) {
@@ -457,21 +457,20 @@ type wsConn struct {
 	heard      atomic.Int64 // when a byte last arrived, as time since started: a cheap atomic
 }
 
-// upgrade serves a WebSocket handshake, if check lets it, and then calls
-// serve with the connection, on a goroutine of its own. The problem: x/net
+// upgrade hijacks the connection first, so that we see every byte and
+// net/http's goroutine and buffers can go; then, on a goroutine of its own,
+// it serves the handshake, if check lets it, and calls serve. The bytes: x/net
 // reads pongs inside Receive and drops them, and the room's clock must see
-// them. The fix: x/net reads every byte through the *bufio.Reader it gets by
-// calling Hijack on the ResponseWriter it is handed. So upgrade 1. hijacks
-// the connection itself, 2. puts wsConn.Read, which notes the time, in front
-// of it, and 3. hands x/net a ResponseWriter whose Hijack returns a 512-byte
-// bufio.Reader (chat messages are short) on wsConn. net/http's goroutine,
-// read buffer and request state can then go, where x/net would keep them.
+// them; but x/net reads through the *bufio.Reader it gets by calling Hijack on
+// the ResponseWriter it is handed. So upgrade hands x/net one whose Hijack
+// returns a 512-byte bufio.Reader (chat messages are short) on wsConn, whose
+// Read notes the time.
 func upgrade(w http.ResponseWriter, req *http.Request, check func(*http.Request) error, serve func(*wsConn)) {
 	netConn, rw, err := http.NewResponseController(w).Hijack()
 	if err != nil {
 		return // cannot happen on HTTP/1.1
 	}
-	early, _ := rw.Reader.Peek(rw.Reader.Buffered()) // sent right behind the request; copied, as net/http's buffer goes
+	early, _ := rw.Reader.Peek(rw.Reader.Buffered()) // sent before our 101; copied, as net/http's buffer goes
 	conn := &wsConn{r: io.MultiReader(bytes.NewReader(bytes.Clone(early)), netConn), remoteAddr: req.RemoteAddr,
 		started: time.Now()}
 	go websocket.Server{ // not websocket.Handler: it refuses clients without Origin, all but browsers
