@@ -5,7 +5,6 @@
 package main
 
 import (
-	"bufio"
 	"bytes"
 	"context"
 	"crypto/rand"
@@ -59,42 +58,46 @@ type event struct {
 }
 
 // encode makes ev one line of JSON, with HTML unescaped: the page shows text.
-func encode(ev event) []byte {
+func encode(ev event) string {
 	var line bytes.Buffer
 	enc := json.NewEncoder(&line)
 	enc.SetEscapeHTML(false)
 	enc.Encode(ev) // cannot fail on strings and ints
-	return bytes.TrimSuffix(line.Bytes(), []byte("\n"))
+	return strings.TrimSuffix(line.String(), "\n")
 }
 
-// A room is everyone connected, and the last messages. Locks: room.mu guards
-// the fields below it, and each client's leftBecause, pingedAt and wake;
-// client.mu, its queue. room.mu comes first; no I/O, not even a log, under either.
+// A room is everyone connected, and the last messages.
+//
+// The lock rule: room.mu guards the fields below it, and each client's
+// leftBecause, pingedAt and wake; client.mu guards that client's queue.
+// Whoever needs both takes room.mu first, so they cannot deadlock. Nobody
+// holds either while writing to the network or the log, which can block.
 type room struct {
 	limits                                  // the rules of part 2
 	logf   func(format string, args ...any) // log.Printf; tests narrate
-	hosts  map[string]bool                  // the names this server answers to
+	hosts  map[string]bool                  // the names this server answers to (part 2: another site)
 	run    string                           // new at every start (see hello)
 
 	mu                 sync.Mutex
 	clients            map[*client]bool
 	lastUID, lastMsgID int
-	history            [][]byte       // the last historySize msg events, oldest first
-	closing            bool           // shutting down: nobody may join
-	conns              sync.WaitGroup // joined connections not yet closed
+	history            []string       // the last historySize msg events, oldest first
+	closing            bool           // shutting down: nobody may join (part 2: shutdown)
+	conns              sync.WaitGroup // joined connections not yet closed (part 2: shutdown)
 }
 
 // A client is one connection in the room.
 type client struct {
 	uid         int
-	conn        *wsConn       // the WebSocket: receiveText, sendText, ping, cutOff, close (part 3)
+	ws          *websocket.Conn
+	tcp         *heardConn    // its TCP connection, which knows when it last heard the client (part 3)
 	wake        chan struct{} // tells the writer there is something to send
 	leftBecause string        // why the client left: the first reason given
-	pingedAt    time.Time     // when the room's clock last asked for a ping
-	pingDue     atomic.Bool   // the clock asks the writer to send a ping
+	pingedAt    time.Time     // when the room's clock last asked for a ping (part 2: vanishes)
+	pingDue     atomic.Bool   // the clock asks the writer to send a ping (part 2: vanishes)
 
 	mu    sync.Mutex
-	queue [][]byte // events the writer has not taken yet
+	queue []string // events the writer has not taken yet
 }
 
 // newRoom makes a room that answers to these names too, and starts its clock.
@@ -104,54 +107,55 @@ func newRoom(names ...string) *room {
 	return r
 }
 
-// server serves the page at / and the chat at /ws. upgrade takes a /ws
-// request's TCP connection from net/http and starts a goroutine, the client's
-// reader, which answers 101 and runs serveClient (part 3 says why a new one).
+// server serves the page at / and the chat at /ws. x/net's websocket.Server
+// answers the handshake (after our check, part 2) with 101, then calls
+// serveClient on the same goroutine, which becomes the client's reader.
 func (r *room) server() *http.Server {
 	mux := http.NewServeMux()
 	mux.HandleFunc("GET /{$}", func(w http.ResponseWriter, _ *http.Request) {
 		w.Header().Set("Content-Type", "text/html; charset=utf-8")
 		w.Write(indexHTML)
 	})
-	mux.HandleFunc("GET /ws", func(w http.ResponseWriter, req *http.Request) {
-		upgrade(w, req, r.checkOrigin, r.serveClient)
-	})
-	return &http.Server{Handler: mux, ReadHeaderTimeout: r.headerTimeout}
+	mux.Handle("GET /ws", websocket.Server{Handshake: r.handshake, Handler: r.serveClient})
+	return &http.Server{Handler: mux, ReadHeaderTimeout: r.headerTimeout,
+		ConnContext: rememberConn} // part 3: hearing pongs
 }
 
 // serveClient is one connection's life, on its reader: join, start the
 // writer, read until the client goes, leave, wait for the writer to send
 // what is left, and close the connection with a close frame.
-func (r *room) serveClient(conn *wsConn) {
-	c, online := r.join(conn)
+func (r *room) serveClient(ws *websocket.Conn) {
+	ws.MaxPayloadBytes = maxMessageBytes // a larger frame fails the read; x/net's default is 32 MB
+	c, online := r.join(ws)
 	if c == nil { // shutting down
-		conn.close()
+		ws.Close()
 		return
 	}
 	defer r.conns.Done() // join did the Add
 	var writer sync.WaitGroup
 	writer.Go(func() { r.writeEvents(c) })
-	r.logf("user %d joined from %s (%d online)", c.uid, conn.remoteAddr, online)
+	r.logf("user %d joined from %s (%d online)", c.uid, ws.Request().RemoteAddr, online)
 	reason := r.drop(c, r.readMessages(c))
 	writer.Wait()
-	conn.close()
+	ws.Close() // sends a close frame, if the client still reads, and closes TCP
 	r.logf("user %d left: %s", c.uid, reason)
 }
 
 // join gives the connection the next user id and a queue that starts with
 // hello and the history, and tells everyone else (nil: shutting down). It
 // holds the lock every broadcast takes: no message slips in between.
-func (r *room) join(conn *wsConn) (c *client, online int) {
+func (r *room) join(ws *websocket.Conn) (c *client, online int) {
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	if r.closing {
 		return nil, 0
 	}
-	r.conns.Add(1)
+	r.conns.Add(1) // under the lock, so never after shutdown began to wait
 	r.lastUID++
 	online = len(r.clients) + 1
 	hello := encode(event{Type: "hello", UID: r.lastUID, Online: online, Run: r.run, History: len(r.history)})
-	c = &client{uid: r.lastUID, conn: conn, wake: make(chan struct{}, 1), queue: append([][]byte{hello}, r.history...)}
+	c = &client{uid: r.lastUID, ws: ws, tcp: heardConnOf(ws), wake: make(chan struct{}, 1),
+		queue: append([]string{hello}, r.history...)}
 	c.wakeWriter()
 	r.clients[c] = true
 	r.broadcastLocked(encode(event{Type: "join", UID: c.uid, Online: online}), c)
@@ -160,16 +164,19 @@ func (r *room) join(conn *wsConn) (c *client, online int) {
 
 // readMessages relays the client's messages until a read fails, and returns why.
 func (r *room) readMessages(c *client) (reason string) {
-	var bucketFullAt time.Time // for flood control
+	var floodClock time.Time // part 2: a client that floods
 	for {
-		text, err := c.conn.receiveText()
-		if err != nil {
-			return err.Error()
+		var text string
+		err := textOnly.Receive(c.ws, &text) // websocket.Message.Receive, refusing binary (part 3)
+		if err == io.EOF {
+			return "closed the connection" // a close frame, or TCP's end
+		} else if err != nil {
+			return err.Error() // a frame too large or binary, or a drop (part 2)
 		}
 		if text = strings.TrimSpace(text); text != "" {
 			r.broadcastMessage(c, text)
 		}
-		r.limitFlood(&bucketFullAt) // waits, if the client sends too fast
+		r.limitFlood(&floodClock) // waits, if the client sends too fast
 	}
 }
 
@@ -191,9 +198,10 @@ func (r *room) broadcastMessage(from *client, text string) {
 
 // broadcastLocked puts ev into every client's queue, except skip's, and
 // wakes their writers; r.mu is held, so all get one order. A client with
-// queueLimit events waiting is dropped after the loop: within it, its leave
-// would go after ev to the clients already done, and before ev to the rest.
-func (r *room) broadcastLocked(ev []byte, skip *client) {
+// queueLimit events waiting is too slow (part 2), and dropped after the
+// loop: within it, its leave would go after ev to the clients already done,
+// and before ev to the rest.
+func (r *room) broadcastLocked(ev string, skip *client) {
 	var tooSlow []*client
 	for c := range r.clients {
 		if c == skip {
@@ -223,18 +231,19 @@ func (c *client) wakeWriter() {
 	}
 }
 
-// writeEvents is c's writer. Woken, it sends a ping if the room's clock
-// asked for one, then all that is queued, several events to a frame. It ends
-// when a write fails, or once a drop closed wake and the queue is empty.
+// writeEvents is c's writer. Woken, it sends a ping if the room's clock asked
+// for one (part 2: vanishes), then all that is queued, several events to a
+// text frame. It ends when a write fails, or when a drop has closed wake and
+// the queue is empty.
 func (r *room) writeEvents(c *client) {
-	for range c.wake { // after close, range still delivers a signal left in wake
-		runtime.Gosched() // not for correctness: broadcasts under way add to the queue, frames get fuller
+	for range c.wake { // one turn per signal; the loop ends once wake is closed
+		runtime.Gosched() // let broadcasts under way queue theirs first: fuller frames, fewer writes
 		for {
 			var err error
 			if c.pingDue.Swap(false) {
-				err = c.conn.ping()
-			} else if events := c.takeQueue(); len(events) > 0 { // up to 16 KiB (part 2)
-				err = c.conn.sendText(bytes.Join(events, []byte("\n")))
+				err = ping(c.ws) // part 3
+			} else if events := c.takeQueue(); len(events) > 0 { // up to 16 KiB (part 2: too slow)
+				err = websocket.Message.Send(c.ws, strings.Join(events, "\n")) // a string: a text frame
 			} else {
 				break // all sent: wait to be woken
 			}
@@ -246,13 +255,10 @@ func (r *room) writeEvents(c *client) {
 	}
 }
 
-// drop, or dropLocked with r.mu held, takes c out of the room and tells
-// everyone left. Whoever gives up on c first calls it (reader, writer, a
-// broadcast, the clock, shutdown); later calls change nothing, and drop
-// returns the first reason. It ends c's goroutines the way Go cancels a
-// blocked read or write, with deadlines: a read deadline of now fails the
-// reader's read at once; a write deadline closeGrace away lets the writer
-// send what is queued, and the close frame, to a client that still reads.
+// drop, or dropLocked with r.mu held, takes c out of the room, tells everyone
+// left, and ends c's goroutines (part 2 says how). Whoever gives up on c first
+// calls it: its reader or writer, a broadcast, the clock, shutdown. Later
+// calls change nothing, and drop returns the first reason.
 func (r *room) drop(c *client, reason string) string {
 	r.mu.Lock()
 	defer r.mu.Unlock()
@@ -266,8 +272,7 @@ func (r *room) dropLocked(c *client, reason string) {
 	}
 	delete(r.clients, c)
 	c.leftBecause = reason
-	c.conn.cutOff(closeGrace)
-	close(c.wake) // the writer ends once it has sent the queue
+	c.endGoroutines()
 	if !r.closing {
 		r.broadcastLocked(encode(event{Type: "leave", UID: c.uid, Online: len(r.clients)}), nil)
 	}
@@ -275,8 +280,9 @@ func (r *room) dropLocked(c *client, reason string) {
 
 // ---- Part 2: what the network does to the chat ----
 //
-// Each story is something a LAN does to part 1, and the rule in limits for it.
-type limits struct { // tests lower them on their own room
+// Each story is something a LAN does to part 1, and the rule for it. The
+// rules' numbers are in limits; tests lower them on a room of their own.
+type limits struct {
 	queueLimit    int           // events waiting for a client; one more and it is too slow
 	pingAfter     time.Duration // nothing heard from a client for this long: ping it
 	dropAfter     time.Duration // nothing heard for this long, not even a pong: it is gone
@@ -295,11 +301,19 @@ const (
 	closeGrace      = time.Second // after a drop, for the last writes and the close frame
 )
 
-// A client too slow to read. A phone's screen turns off and its browser stops
-// reading: TCP's buffers fill, its writer blocks, and what the room says waits
-// in its queue, until broadcastLocked drops it at queueLimit events. Reading
-// again in time, it catches up in frames of up to maxFrameBytes (takeQueue).
-func (c *client) takeQueue() (events [][]byte) {
+// Story 1: a client too slow to read.
+//
+// A laptop on a weak link reads, but slower than a busy room talks. Its
+// writer blocks in a write until TCP's buffers drain, and meanwhile the
+// room's events wait in its queue. When it catches up, takeQueue hands the
+// writer as many events as fit in one frame of maxFrameBytes: clients cap
+// the frames they accept (coder/websocket at 32 KiB).
+//
+// A queue cannot grow for ever: broadcastLocked drops a client with
+// queueLimit events waiting. A phone whose screen turns off stops reading
+// altogether; it is usually gone by story 3's rule first, at 60 s, unless
+// the room says 4096 things before that.
+func (c *client) takeQueue() (events []string) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	n, size := 0, 0
@@ -313,11 +327,40 @@ func (c *client) takeQueue() (events [][]byte) {
 	return events
 }
 
-// A client that vanishes. A phone walks out of the Wi-Fi: no close frame, no
-// TCP reset, just silence, which TCP would retry for a quarter of an hour. So
-// a client not heard from for pingAfter (not a byte) gets a ping, which every
-// WebSocket client answers; one not heard from for dropAfter is gone. One that
-// reads, even slowly, answers (the ping goes first); one that stops does not.
+// Story 2: ending a dropped client.
+//
+// When the room drops a client, its reader may be blocked in a read, waiting
+// for a message that never comes, and its writer in a write, to a phone that
+// reads nothing. In Go, a goroutine blocked on a network read or write wakes
+// only when the connection closes or a deadline passes, and a deadline in
+// the past wakes it at once. So a drop sets deadlines:
+//   - the read deadline is now: the reader's read fails, and serveClient
+//     goes on to wait for the writer;
+//   - the write deadline is closeGrace away: a client that still reads gets
+//     what was queued for it, and the close frame; a write to one that reads
+//     nothing fails after 1 s;
+//   - wake is closed: the writer ends once the queue is empty.
+//
+// Why not close the connection? x/net's Close first writes a close frame,
+// under the lock each write holds, so it would wait behind a blocked write.
+// And why no deadlines before a drop? x/net also writes from the reader (a
+// pong), and a deadline left over from another write would fail it.
+func (c *client) endGoroutines() {
+	c.ws.SetReadDeadline(time.Now())
+	c.ws.SetWriteDeadline(time.Now().Add(closeGrace))
+	close(c.wake)
+}
+
+// Story 3: a client that vanishes.
+//
+// A phone walks out of the Wi-Fi: no close frame, no TCP reset, just
+// silence, which TCP would retry for a quarter of an hour. So the room's
+// clock, once a second, looks at when each client was last heard: any byte
+// counts, a message, a pong, anything (part 3 says how we know). Silent for
+// pingAfter, a client gets a ping, which every WebSocket client answers with
+// a pong; silent for dropAfter, it is gone. The ping goes ahead of the queue,
+// so a client that reads, even slowly, answers in time; one that has
+// stopped does not.
 func (r *room) runClock() {
 	for now := range time.Tick(time.Second) {
 		if !r.checkClients(now) {
@@ -332,10 +375,10 @@ func (r *room) checkClients(now time.Time) (running bool) {
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	for c := range r.clients {
-		switch quiet := now.Sub(c.conn.lastHeard()); {
-		case quiet >= r.dropAfter:
+		switch silent := now.Sub(c.tcp.lastHeard()); {
+		case silent >= r.dropAfter:
 			r.dropLocked(c, fmt.Sprintf("heard nothing for %.0f s", r.dropAfter.Seconds()))
-		case quiet >= r.pingAfter && now.Sub(c.pingedAt) >= r.pingAfter:
+		case silent >= r.pingAfter && now.Sub(c.pingedAt) >= r.pingAfter:
 			c.pingedAt = now
 			c.pingDue.Store(true)
 			c.wakeWriter()
@@ -344,27 +387,43 @@ func (r *room) checkClients(now time.Time) (running bool) {
 	return !r.closing
 }
 
-// A client that floods. A bot sends a thousand messages at once, which would
-// bury the conversation. So each client has a bucket of floodBurst tokens,
-// refilled by one every floodInterval; each frame read takes one, and with
-// none left the reader waits (TCP holds the client back: nothing is lost).
-// A person's burst finds it full. It is kept as one time, fullAt: when it
-// will be full again; tokens left = floodBurst - (fullAt-now)/floodInterval.
-// With the defaults, a quiet client's frames 1 to 20 each move fullAt 0.1 s
-// on, to now+2 s; after frame 20 the reader sleeps 0.1 s, until one is left.
-func (r *room) limitFlood(fullAt *time.Time) {
-	if now := time.Now(); fullAt.Before(now) {
-		*fullAt = now // a full bucket gets no fuller
+// Story 4: a client that floods.
+//
+// A bot sends a thousand messages at once, which would bury the conversation.
+// A person may send a few at once, though. So each message a client sends
+// costs it floodInterval of its own clock, floodClock, which never lags
+// behind real time: being quiet saves nothing up. The client may run ahead
+// of real time by a burst less one message; past that, its reader sleeps
+// until it is back within that, and TCP holds the client back meanwhile:
+// nothing is lost. With the defaults, a quiet client's first 19 messages
+// put its clock up to 1.9 s ahead, at once; the 20th, 2 s ahead, so the
+// reader sleeps 0.1 s; from then on it reads one message per 0.1 s.
+func (r *room) limitFlood(floodClock *time.Time) {
+	now := time.Now()
+	if floodClock.Before(now) {
+		*floodClock = now
 	}
-	*fullAt = fullAt.Add(r.floodInterval)
-	time.Sleep(time.Until(*fullAt) - time.Duration(r.floodBurst-1)*r.floodInterval) // until 1 token is left
+	*floodClock = floodClock.Add(r.floodInterval) // the price of the message just read
+	mayRunAhead := time.Duration(r.floodBurst-1) * r.floodInterval
+	if ahead := floodClock.Sub(now); ahead > mayRunAhead {
+		time.Sleep(ahead - mayRunAhead)
+	}
 }
 
-// A page from another site. Any page you open could chat here in your name:
-// your browser can reach this server. The browser sends the page's site as
-// Origin, and checkOrigin refuses one that is not the Host asked for. A page
-// can also point its own name at your LAN address (DNS rebinding), so Host
-// must be an IP address or one of our names.
+// Story 5: a page from another site.
+//
+// Any page you open could chat here in your name: your browser can reach
+// this server. The browser sends the page's site as Origin, and checkOrigin
+// refuses one that is not the Host asked for. A page can also point its own
+// name at your LAN address (DNS rebinding), so Host must be an IP address or
+// one of our names. handshake runs these checks before x/net answers 101;
+// it also declines every subprotocol (a name for a format on top), which
+// x/net would otherwise echo, as if the chat spoke it.
+func (r *room) handshake(config *websocket.Config, req *http.Request) error {
+	config.Protocol = nil
+	return r.checkOrigin(req)
+}
+
 func (r *room) checkOrigin(req *http.Request) error {
 	host := (&url.URL{Host: req.Host}).Hostname() // no port, no brackets
 	if net.ParseIP(host) == nil && !r.hosts[strings.ToLower(host)] {
@@ -393,7 +452,11 @@ func ourNames(names []string) map[string]bool {
 	return ours
 }
 
-// Starting: main listens, prints where to point a browser, and serves.
+// Story 6: starting.
+//
+// main listens, prints where to point a browser, and serves until Ctrl-C
+// (SIGINT) or SIGTERM, which docker stop and systemd send; then it shuts
+// down. A second signal while it does ends the process at once.
 func main() {
 	addr := flag.String("addr", ":8080", "`host:port` to listen on; :0 picks a free port")
 	hosts := flag.String("host", "", "other `names` of this server, comma-separated, for the chat to accept")
@@ -407,13 +470,19 @@ func main() {
 	r := newRoom(strings.Fields(strings.ReplaceAll(*hosts, ",", " "))...)
 	srv := r.server()
 	signalled, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
-	context.AfterFunc(signalled, func() { stop(); log.Print("shutting down"); srv.Close() }) // after stop, a second Ctrl-C kills
-	if err := srv.Serve(ln); err != http.ErrServerClosed {
+	context.AfterFunc(signalled, func() {
+		stop() // from now on, a signal ends the process
+		log.Print("shutting down")
+		srv.Close()
+	})
+	if err := srv.Serve(hearingListener{ln}); err != http.ErrServerClosed { // part 3: hearing pongs
 		log.Fatal(err)
 	}
 	r.shutdown()
 }
 
+// printURLs prints the address main listens on or, if that is every
+// address, localhost and each IPv4 address of this machine's networks.
 func printURLs(w io.Writer, addr *net.TCPAddr) {
 	fmt.Fprintln(w, "wschat is running. Open it in a browser:")
 	if !addr.IP.IsUnspecified() {
@@ -429,13 +498,19 @@ func printURLs(w io.Writer, addr *net.TCPAddr) {
 	}
 }
 
-// Shutdown. Ctrl-C should end each connection with a close frame, after what
-// was queued for it, without hanging on a client that reads nothing; but
-// srv.Close forgets hijacked connections. So shutdown drops every client,
-// with no leave (the page would show each), and waits for them to close.
+// Story 7: shutting down.
+//
+// On a signal, each client should get what was queued for it and a close
+// frame, and the process should then end; a client that reads nothing must
+// not hold it up. srv.Close stops new requests, but it forgets connections
+// handed to x/net. So shutdown drops every client (story 2: each has
+// closeGrace to take its last events), sends no leave (the page would show
+// everyone leaving), and waits until each connection is closed. closing
+// stops joins, and since join counts each connection in conns under the
+// same lock, no count can come after the wait began.
 func (r *room) shutdown() {
 	r.mu.Lock()
-	r.closing = true // join lets nobody in, and adds to conns no more
+	r.closing = true
 	for c := range r.clients {
 		r.dropLocked(c, "server shutting down")
 	}
@@ -445,105 +520,71 @@ func (r *room) shutdown() {
 
 // ---- Part 3: what x/net/websocket leaves to us ----
 //
-// x/net does the handshake, frames and masking, and answers pings; wsConn adds
-// what other WebSocket libraries have besides (with those, this part would go).
+// x/net does the handshake, the frames and their masks, and answers pings.
+// Three things the chat needs, it lacks; gorilla's and coder's WebSocket
+// libraries have them, and with one of those this part would go.
 
-// A wsConn is one WebSocket connection, and when its client was last heard.
-type wsConn struct {
-	ws         *websocket.Conn
-	r          io.Reader // the TCP connection, for Read
-	remoteAddr string
-	started    time.Time
-	heard      atomic.Int64 // when a byte last arrived, as time since started: a cheap atomic
+// Hearing pongs. The room's clock (story 3) must know when a client was
+// last heard, and a pong is how a quiet client answers a ping. But x/net
+// reads pongs inside Receive and drops them: no call of ours sees one. What
+// we can see is the TCP connection under it: every byte x/net reads comes
+// from the connection that net/http's listener accepted. So main's listener
+// wraps each connection it accepts in a heardConn, whose Read notes the
+// time; the server's ConnContext puts that connection in the context of its
+// requests, where join finds it.
+type heardConn struct {
+	net.Conn
+	accepted time.Time
+	heard    atomic.Int64 // when a byte last arrived, as time since accepted: an atomic, read by the clock
 }
 
-// upgrade hijacks the connection first, so that we see every byte and
-// net/http's goroutine and buffers can go; then, on a goroutine of its own,
-// it serves the handshake, if check lets it, and calls serve. The bytes: x/net
-// reads pongs inside Receive and drops them, and the room's clock must see
-// them; but x/net reads through the *bufio.Reader it gets by calling Hijack on
-// the ResponseWriter it is handed. So upgrade hands x/net one whose Hijack
-// returns a 512-byte bufio.Reader (chat messages are short) on wsConn, whose
-// Read notes the time.
-func upgrade(w http.ResponseWriter, req *http.Request, check func(*http.Request) error, serve func(*wsConn)) {
-	netConn, rw, err := http.NewResponseController(w).Hijack()
-	if err != nil {
-		return // cannot happen on HTTP/1.1
-	}
-	early, _ := rw.Reader.Peek(rw.Reader.Buffered()) // sent before our 101; copied, as net/http's buffer goes
-	conn := &wsConn{r: io.MultiReader(bytes.NewReader(bytes.Clone(early)), netConn), remoteAddr: req.RemoteAddr,
-		started: time.Now()}
-	go websocket.Server{ // not websocket.Handler: it refuses clients without Origin, all but browsers
-		Handshake: func(config *websocket.Config, req *http.Request) error {
-			config.Protocol = nil // decline every subprotocol: x/net would echo one, as if it spoke it
-			return check(req)
-		},
-		Handler: func(ws *websocket.Conn) {
-			ws.MaxPayloadBytes = maxMessageBytes // x/net's default is 32 MB
-			conn.ws = ws
-			serve(conn) // x/net closes TCP when it returns
-		},
-	}.ServeHTTP(hijacked{conn: netConn, rw: bufio.NewReadWriter(bufio.NewReaderSize(conn, 512), rw.Writer)}, req)
-}
-
-// hijacked is a ResponseWriter whose Hijack returns a connection already taken.
-type hijacked struct {
-	http.ResponseWriter // nil: x/net calls no method but Hijack
-	conn                net.Conn
-	rw                  *bufio.ReadWriter
-}
-
-func (h hijacked) Hijack() (net.Conn, *bufio.ReadWriter, error) { return h.conn, h.rw, nil }
-
-// lastHeard is when a byte last arrived: a message, a pong, anything.
-func (c *wsConn) lastHeard() time.Time { return c.started.Add(time.Duration(c.heard.Load())) }
-func (c *wsConn) Read(p []byte) (int, error) {
-	n, err := c.r.Read(p)
+func (c *heardConn) Read(p []byte) (int, error) {
+	n, err := c.Conn.Read(p)
 	if n > 0 {
-		c.heard.Store(int64(time.Since(c.started)))
+		c.heard.Store(int64(time.Since(c.accepted))) // since, not Now: the monotonic clock, which never jumps
 	}
 	return n, err
 }
 
-// receiveText returns the next text frame: x/net reads frames, not messages.
-// It answers pings inside, so a pong waits while the reader does. A close
-// frame, the end of TCP, or an unmasked frame (x/net answers 1002) is EOF.
-func (c *wsConn) receiveText() (string, error) {
-	var text []byte
-	err := textFrame.Receive(c.ws, &text)
-	if err == io.EOF {
-		return "", errors.New("closed the connection")
+func (c *heardConn) lastHeard() time.Time { return c.accepted.Add(time.Duration(c.heard.Load())) }
+
+// A hearingListener wraps each connection it accepts in a heardConn.
+type hearingListener struct{ net.Listener }
+
+func (l hearingListener) Accept() (net.Conn, error) {
+	conn, err := l.Listener.Accept()
+	if err != nil {
+		return nil, err
 	}
-	return string(text), err // or too large, binary, or a drop's deadline
+	return &heardConn{Conn: conn, accepted: time.Now()}, nil
 }
 
-func (c *wsConn) sendText(text []byte) error { return textFrame.Send(c.ws, text) }
+type heardConnKey struct{}
 
-// textFrame is x/net's websocket.Message for text frames only.
-var textFrame = websocket.Codec{
-	Marshal: func(v any) ([]byte, byte, error) { return v.([]byte), websocket.TextFrame, nil },
-	Unmarshal: func(data []byte, payloadType byte, v any) error {
-		if payloadType != websocket.TextFrame {
-			return errors.New("sent a binary frame")
-		}
-		*v.(*[]byte) = data
-		return nil
-	},
+// rememberConn is the server's ConnContext: net/http calls it with each
+// connection it accepts, and its requests carry the context it returns.
+func rememberConn(ctx context.Context, conn net.Conn) context.Context {
+	return context.WithValue(ctx, heardConnKey{}, conn)
 }
 
-// ping sends a ping. x/net has no call for it, but a Codec chooses the frame type.
-func (c *wsConn) ping() error { return pingFrame.Send(c.ws, nil) }
+func heardConnOf(ws *websocket.Conn) *heardConn {
+	conn, _ := ws.Request().Context().Value(heardConnKey{}).(*heardConn)
+	return conn
+}
+
+// Sending a ping. x/net has no call for it, but a Codec chooses the type of
+// the frames it sends: pingFrame's Marshal chooses a ping.
+func ping(ws *websocket.Conn) error { return pingFrame.Send(ws, nil) }
 
 var pingFrame = websocket.Codec{Marshal: func(any) ([]byte, byte, error) { return nil, websocket.PingFrame, nil }}
 
-// cutOff makes a read in progress fail now, and writes fail after grace. Not
-// x/net's Close, which writes a close frame under a write's lock, so it would
-// wait for a write blocked on a client that reads nothing. No deadline is set
-// before: x/net writes pongs too, and one left from a write would fail them.
-func (c *wsConn) cutOff(grace time.Duration) {
-	c.ws.SetReadDeadline(time.Now())
-	c.ws.SetWriteDeadline(time.Now().Add(grace))
-}
-
-// close sends a close frame (1000, no reason: x/net's only kind), and closes TCP.
-func (c *wsConn) close() { c.ws.Close() }
+// Refusing binary frames. websocket.Message.Receive into a string takes a
+// binary frame as text, and the chat would relay its bytes. textOnly is the
+// same Codec, with a binary frame an error.
+var textOnly = websocket.Codec{Unmarshal: func(data []byte, frameType byte, v any) error {
+	if frameType != websocket.TextFrame {
+		return errors.New("sent a binary frame")
+	}
+	*v.(*string) = string(data)
+	return nil
+}}

@@ -42,7 +42,7 @@ func startServer(t testing.TB, change func(*room)) (*room, *httptest.Server) {
 	}
 	srv := httptest.NewUnstartedServer(nil)
 	srv.Config = r.server()
-	srv.Listener = &connCounter{Listener: srv.Listener} // see TestShutdownClosesEveryConnection
+	srv.Listener = hearingListener{&connCounter{Listener: srv.Listener}} // as main's; see TestShutdownClosesEveryConnection
 	srv.Start()
 	t.Cleanup(func() {
 		srv.Close()
@@ -659,7 +659,7 @@ func TestEverySubprotocolIsDeclined(t *testing.T) {
 // ---- Liveness: pings and pongs ----
 
 // lastHeard is when the server last heard from the user with this id.
-func (r *room) lastHeard(uid int) time.Time { return r.serverSide(uid).conn.lastHeard() }
+func (r *room) lastHeard(uid int) time.Time { return r.serverSide(uid).tcp.lastHeard() }
 
 // expectFrame reads one raw frame, and fails unless it has this opcode and
 // its payload contains this text.
@@ -1238,7 +1238,7 @@ func TestShutdownClosesEveryConnection(t *testing.T) {
 	srv.Close()
 	r.shutdown()
 	took := time.Since(start)
-	if open := srv.Listener.(*connCounter).open.Load(); open != 0 {
+	if open := srv.Listener.(hearingListener).Listener.(*connCounter).open.Load(); open != 0 {
 		t.Fatalf("shutdown returned with %d connections still open", open)
 	}
 	t.Logf("shutdown took %v, and every connection was closed when it returned", took.Round(time.Millisecond))
