@@ -241,7 +241,7 @@ func (r *room) writeEvents(c *client) {
 		for {
 			var err error
 			if c.pingDue.Swap(false) {
-				err = ping(c.ws) // part 3
+				err = pingFrame.Send(c.ws, nil) // part 3: x/net has no ping call
 			} else if events := c.takeQueue(); len(events) > 0 { // up to 16 KiB (part 2: too slow)
 				err = websocket.Message.Send(c.ws, strings.Join(events, "\n")) // a string: a text frame
 			} else {
@@ -280,8 +280,8 @@ func (r *room) dropLocked(c *client, reason string) {
 
 // ---- Part 2: what the network does to the chat ----
 //
-// Each story is something a LAN does to part 1, and the rule for it. The
-// rules' numbers are in limits; tests lower them on a room of their own.
+// Each story is something a LAN does to part 1, and the rule for it, with
+// its numbers in limits (tests lower them on a room of their own).
 type limits struct {
 	queueLimit    int           // events waiting for a client; one more and it is too slow
 	pingAfter     time.Duration // nothing heard from a client for this long: ping it
@@ -303,16 +303,12 @@ const (
 
 // Story 1: a client too slow to read.
 //
-// A laptop on a weak link reads, but slower than a busy room talks. Its
-// writer blocks in a write until TCP's buffers drain, and meanwhile the
-// room's events wait in its queue. When it catches up, takeQueue hands the
-// writer as many events as fit in one frame of maxFrameBytes: clients cap
-// the frames they accept (coder/websocket at 32 KiB).
-//
-// A queue cannot grow for ever: broadcastLocked drops a client with
-// queueLimit events waiting. A phone whose screen turns off stops reading
-// altogether; it is usually gone by story 3's rule first, at 60 s, unless
-// the room says 4096 things before that.
+// A laptop on a weak link reads slower than a busy room talks: its writer
+// waits in a write, and events wait in its queue. broadcastLocked drops a
+// client with queueLimit events waiting. (A phone whose screen is off reads
+// nothing at all; story 3's rule usually drops it first, at 60 s.) One that
+// catches up gets as many events to a frame as fit in maxFrameBytes, since
+// clients cap the frames they accept.
 func (c *client) takeQueue() (events []string) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
@@ -329,22 +325,14 @@ func (c *client) takeQueue() (events []string) {
 
 // Story 2: ending a dropped client.
 //
-// When the room drops a client, its reader may be blocked in a read, waiting
-// for a message that never comes, and its writer in a write, to a phone that
-// reads nothing. In Go, a goroutine blocked on a network read or write wakes
-// only when the connection closes or a deadline passes, and a deadline in
-// the past wakes it at once. So a drop sets deadlines:
-//   - the read deadline is now: the reader's read fails, and serveClient
-//     goes on to wait for the writer;
-//   - the write deadline is closeGrace away: a client that still reads gets
-//     what was queued for it, and the close frame; a write to one that reads
-//     nothing fails after 1 s;
-//   - wake is closed: the writer ends once the queue is empty.
-//
-// Why not close the connection? x/net's Close first writes a close frame,
-// under the lock each write holds, so it would wait behind a blocked write.
-// And why no deadlines before a drop? x/net also writes from the reader (a
-// pong), and a deadline left over from another write would fail it.
+// A dropped client's reader may be waiting in a read, and its writer in a
+// write to a phone that reads nothing. In Go, such a wait ends only when the
+// connection closes or a deadline passes, so a drop sets deadlines. The read
+// deadline is now: the read fails, and the reader goes on to wait for the
+// writer. The write deadline is closeGrace away: a client that still reads
+// gets its last events and a close frame; a write to one that does not fails
+// after 1 s. Closing wake ends the writer once the queue is empty. (Not
+// x/net's Close: it writes a close frame first, behind a blocked write.)
 func (c *client) endGoroutines() {
 	c.ws.SetReadDeadline(time.Now())
 	c.ws.SetWriteDeadline(time.Now().Add(closeGrace))
@@ -354,13 +342,11 @@ func (c *client) endGoroutines() {
 // Story 3: a client that vanishes.
 //
 // A phone walks out of the Wi-Fi: no close frame, no TCP reset, just
-// silence, which TCP would retry for a quarter of an hour. So the room's
-// clock, once a second, looks at when each client was last heard: any byte
-// counts, a message, a pong, anything (part 3 says how we know). Silent for
-// pingAfter, a client gets a ping, which every WebSocket client answers with
-// a pong; silent for dropAfter, it is gone. The ping goes ahead of the queue,
-// so a client that reads, even slowly, answers in time; one that has
-// stopped does not.
+// silence, which TCP would retry for a quarter of an hour. So once a second
+// the room's clock looks at when each client was last heard; any byte counts
+// (part 3 says how we know). Silent for pingAfter, a client gets a ping,
+// which every WebSocket client answers with a pong; silent for dropAfter, it
+// is gone. The ping goes ahead of the queue: a slow reader answers in time.
 func (r *room) runClock() {
 	for now := range time.Tick(time.Second) {
 		if !r.checkClients(now) {
@@ -369,8 +355,7 @@ func (r *room) runClock() {
 	}
 }
 
-// checkClients asks for one ping per pingAfter from each client silent that
-// long, and drops those silent for dropAfter. Tests call it at made-up times.
+// checkClients pings (once per pingAfter) and drops; tests call it at made-up times.
 func (r *room) checkClients(now time.Time) (running bool) {
 	r.mu.Lock()
 	defer r.mu.Unlock()
@@ -389,15 +374,13 @@ func (r *room) checkClients(now time.Time) (running bool) {
 
 // Story 4: a client that floods.
 //
-// A bot sends a thousand messages at once, which would bury the conversation.
-// A person may send a few at once, though. So each message a client sends
-// costs it floodInterval of its own clock, floodClock, which never lags
-// behind real time: being quiet saves nothing up. The client may run ahead
-// of real time by a burst less one message; past that, its reader sleeps
-// until it is back within that, and TCP holds the client back meanwhile:
-// nothing is lost. With the defaults, a quiet client's first 19 messages
-// put its clock up to 1.9 s ahead, at once; the 20th, 2 s ahead, so the
-// reader sleeps 0.1 s; from then on it reads one message per 0.1 s.
+// A bot sends a thousand messages at once and buries the conversation; a
+// person may send a few at once. So each message costs its sender
+// floodInterval on a clock of its own, floodClock, which never lags behind
+// real time. It may run ahead by a burst less one message; past that, the
+// reader sleeps, and TCP holds the client back: nothing is lost. With the
+// defaults, a quiet client's first 19 messages put its clock 1.9 s ahead;
+// the 20th, 2 s, so the reader sleeps 0.1 s; then it reads one per 0.1 s.
 func (r *room) limitFlood(floodClock *time.Time) {
 	now := time.Now()
 	if floodClock.Before(now) {
@@ -413,18 +396,13 @@ func (r *room) limitFlood(floodClock *time.Time) {
 // Story 5: a page from another site.
 //
 // Any page you open could chat here in your name: your browser can reach
-// this server. The browser sends the page's site as Origin, and checkOrigin
-// refuses one that is not the Host asked for. A page can also point its own
-// name at your LAN address (DNS rebinding), so Host must be an IP address or
-// one of our names. handshake runs these checks before x/net answers 101;
-// it also declines every subprotocol (a name for a format on top), which
-// x/net would otherwise echo, as if the chat spoke it.
+// this server. The browser sends the page's site as Origin, and handshake
+// refuses one that is not the Host asked for. A page can also point a name
+// of its own at your LAN address (DNS rebinding), so Host must be an IP
+// address or one of our names. x/net calls handshake before it answers 101.
+// It declines subprotocols, which x/net would echo as if the chat spoke one.
 func (r *room) handshake(config *websocket.Config, req *http.Request) error {
 	config.Protocol = nil
-	return r.checkOrigin(req)
-}
-
-func (r *room) checkOrigin(req *http.Request) error {
 	host := (&url.URL{Host: req.Host}).Hostname() // no port, no brackets
 	if net.ParseIP(host) == nil && !r.hosts[strings.ToLower(host)] {
 		r.logf("refused a WebSocket for Host %q: if that is this server, run it with -host %s", req.Host, host)
@@ -452,11 +430,9 @@ func ourNames(names []string) map[string]bool {
 	return ours
 }
 
-// Story 6: starting.
-//
-// main listens, prints where to point a browser, and serves until Ctrl-C
-// (SIGINT) or SIGTERM, which docker stop and systemd send; then it shuts
-// down. A second signal while it does ends the process at once.
+// Story 6: starting. main listens, prints where to point a browser, and
+// serves until Ctrl-C (SIGINT), or SIGTERM as docker stop and systemd send;
+// then it shuts down. A second signal ends the process at once.
 func main() {
 	addr := flag.String("addr", ":8080", "`host:port` to listen on; :0 picks a free port")
 	hosts := flag.String("host", "", "other `names` of this server, comma-separated, for the chat to accept")
@@ -470,19 +446,14 @@ func main() {
 	r := newRoom(strings.Fields(strings.ReplaceAll(*hosts, ",", " "))...)
 	srv := r.server()
 	signalled, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
-	context.AfterFunc(signalled, func() {
-		stop() // from now on, a signal ends the process
-		log.Print("shutting down")
-		srv.Close()
-	})
-	if err := srv.Serve(hearingListener{ln}); err != http.ErrServerClosed { // part 3: hearing pongs
+	context.AfterFunc(signalled, func() { stop(); log.Print("shutting down"); srv.Close() }) // stop: the next signal kills
+	if err := srv.Serve(hearingListener{ln}); err != http.ErrServerClosed {
 		log.Fatal(err)
 	}
 	r.shutdown()
 }
 
-// printURLs prints the address main listens on or, if that is every
-// address, localhost and each IPv4 address of this machine's networks.
+// printURLs prints the address listened on; for all, localhost and each IPv4 one.
 func printURLs(w io.Writer, addr *net.TCPAddr) {
 	fmt.Fprintln(w, "wschat is running. Open it in a browser:")
 	if !addr.IP.IsUnspecified() {
@@ -498,16 +469,12 @@ func printURLs(w io.Writer, addr *net.TCPAddr) {
 	}
 }
 
-// Story 7: shutting down.
-//
-// On a signal, each client should get what was queued for it and a close
-// frame, and the process should then end; a client that reads nothing must
-// not hold it up. srv.Close stops new requests, but it forgets connections
-// handed to x/net. So shutdown drops every client (story 2: each has
-// closeGrace to take its last events), sends no leave (the page would show
-// everyone leaving), and waits until each connection is closed. closing
-// stops joins, and since join counts each connection in conns under the
-// same lock, no count can come after the wait began.
+// Story 7: shutting down. Each client should get its last events and a
+// close frame, and one that reads nothing must not hold the process up.
+// srv.Close forgets connections handed to x/net, so shutdown drops every
+// client (story 2), with no leave, and waits until each connection is
+// closed. join counts each in conns under the lock that closing is set
+// under, so no count can come after the wait began.
 func (r *room) shutdown() {
 	r.mu.Lock()
 	r.closing = true
@@ -521,34 +488,30 @@ func (r *room) shutdown() {
 // ---- Part 3: what x/net/websocket leaves to us ----
 //
 // x/net does the handshake, the frames and their masks, and answers pings.
-// Three things the chat needs, it lacks; gorilla's and coder's WebSocket
-// libraries have them, and with one of those this part would go.
+// It lacks three things the chat needs, which gorilla's and coder's have.
 
-// Hearing pongs. The room's clock (story 3) must know when a client was
-// last heard, and a pong is how a quiet client answers a ping. But x/net
-// reads pongs inside Receive and drops them: no call of ours sees one. What
-// we can see is the TCP connection under it: every byte x/net reads comes
-// from the connection that net/http's listener accepted. So main's listener
-// wraps each connection it accepts in a heardConn, whose Read notes the
-// time; the server's ConnContext puts that connection in the context of its
-// requests, where join finds it.
+// Hearing pongs. The room's clock (story 3) must know when a client was last
+// heard, and a pong is how a quiet client answers. But x/net reads pongs
+// inside Receive and drops them. Every byte x/net reads, though, comes from
+// the TCP connection that net/http accepted. So main's listener wraps each
+// connection in a heardConn, whose Read notes the time. ConnContext puts it
+// in its requests' context, where join finds it.
 type heardConn struct {
 	net.Conn
 	accepted time.Time
-	heard    atomic.Int64 // when a byte last arrived, as time since accepted: an atomic, read by the clock
+	heard    atomic.Int64 // when a byte last came, as time since accepted; atomic: the clock reads it
 }
 
 func (c *heardConn) Read(p []byte) (int, error) {
 	n, err := c.Conn.Read(p)
 	if n > 0 {
-		c.heard.Store(int64(time.Since(c.accepted))) // since, not Now: the monotonic clock, which never jumps
+		c.heard.Store(int64(time.Since(c.accepted))) // Since: the monotonic clock, which never jumps
 	}
 	return n, err
 }
 
 func (c *heardConn) lastHeard() time.Time { return c.accepted.Add(time.Duration(c.heard.Load())) }
 
-// A hearingListener wraps each connection it accepts in a heardConn.
 type hearingListener struct{ net.Listener }
 
 func (l hearingListener) Accept() (net.Conn, error) {
@@ -559,10 +522,8 @@ func (l hearingListener) Accept() (net.Conn, error) {
 	return &heardConn{Conn: conn, accepted: time.Now()}, nil
 }
 
-type heardConnKey struct{}
-
-// rememberConn is the server's ConnContext: net/http calls it with each
-// connection it accepts, and its requests carry the context it returns.
+// rememberConn, the server's ConnContext, puts each connection in the
+// context of its requests; heardConnOf takes it out again.
 func rememberConn(ctx context.Context, conn net.Conn) context.Context {
 	return context.WithValue(ctx, heardConnKey{}, conn)
 }
@@ -572,15 +533,14 @@ func heardConnOf(ws *websocket.Conn) *heardConn {
 	return conn
 }
 
-// Sending a ping. x/net has no call for it, but a Codec chooses the type of
-// the frames it sends: pingFrame's Marshal chooses a ping.
-func ping(ws *websocket.Conn) error { return pingFrame.Send(ws, nil) }
+type heardConnKey struct{}
 
+// Sending a ping. x/net has no call for it, but a Codec chooses the type of
+// the frames it sends: pingFrame.Send(ws, nil) sends a ping.
 var pingFrame = websocket.Codec{Marshal: func(any) ([]byte, byte, error) { return nil, websocket.PingFrame, nil }}
 
 // Refusing binary frames. websocket.Message.Receive into a string takes a
-// binary frame as text, and the chat would relay its bytes. textOnly is the
-// same Codec, with a binary frame an error.
+// binary frame as text. textOnly is the same Codec, with binary an error.
 var textOnly = websocket.Codec{Unmarshal: func(data []byte, frameType byte, v any) error {
 	if frameType != websocket.TextFrame {
 		return errors.New("sent a binary frame")
