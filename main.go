@@ -32,11 +32,8 @@ import (
 
 // ---- Part 1: the chat ----
 //
-// A WebSocket starts as an HTTP request, GET /ws with "Upgrade: websocket",
-// answered with 101 Switching Protocols; then the TCP connection carries
-// frames both ways, whenever either side likes. A client's text frame is a
-// chat message; the server's carry events, one JSON object per line. A ping
-// asks "still there?", a pong answers, and a close frame ends the connection.
+// A client's text frame is a chat message; the server's text frames carry
+// events, one JSON object per line (the README's protocol).
 //
 // Each connection has two goroutines. Its reader puts each message it reads
 // into every client's queue, under the room's lock, so that all get the same
@@ -75,15 +72,15 @@ func encode(ev event) string {
 type room struct {
 	limits                                  // the rules of part 2
 	logf   func(format string, args ...any) // log.Printf; tests narrate
-	hosts  map[string]bool                  // the names this server answers to (part 2: another site)
+	hosts  map[string]bool                  // the names this server answers to (part 2, story 5)
 	run    string                           // new at every start (see hello)
+	conns  sync.WaitGroup                   // joined connections not yet closed (part 2, story 7)
 
 	mu                 sync.Mutex
 	clients            map[*client]bool
 	lastUID, lastMsgID int
-	history            []string       // the last historySize msg events, oldest first
-	closing            bool           // shutting down: nobody may join (part 2: shutdown)
-	conns              sync.WaitGroup // joined connections not yet closed (part 2: shutdown)
+	history            []string // the last historySize msg events, oldest first
+	closing            bool     // shutting down: nobody may join (part 2, story 7)
 }
 
 // A client is one connection in the room.
@@ -93,23 +90,17 @@ type client struct {
 	tcp         *heardConn    // its TCP connection, which knows when it last heard the client (part 3)
 	wake        chan struct{} // tells the writer there is something to send
 	leftBecause string        // why the client left: the first reason given
-	pingedAt    time.Time     // when the room's clock last asked for a ping (part 2: vanishes)
-	pingDue     atomic.Bool   // the clock asks the writer to send a ping (part 2: vanishes)
+	pingedAt    time.Time     // when the room's clock last asked for a ping (part 2, story 3)
+	pingDue     atomic.Bool   // the clock asks the writer to send a ping (part 2, story 3)
 
 	mu    sync.Mutex
 	queue []string // events the writer has not taken yet
 }
 
-// newRoom makes a room that answers to these names too, and starts its clock.
-func newRoom(names ...string) *room {
-	r := &room{limits: defaultLimits, logf: log.Printf, hosts: ourNames(names), run: rand.Text(), clients: map[*client]bool{}}
-	go r.runClock() // part 2: a client that vanishes
-	return r
-}
-
 // server serves the page at / and the chat at /ws. x/net's websocket.Server
 // answers the handshake (after our check, part 2) with 101, then calls
-// serveClient on the same goroutine, which becomes the client's reader.
+// serveClient on the same goroutine, which becomes the client's reader. main
+// serves it through a hearingListener, which the room's clock needs (part 3).
 func (r *room) server() *http.Server {
 	mux := http.NewServeMux()
 	mux.HandleFunc("GET /{$}", func(w http.ResponseWriter, _ *http.Request) {
@@ -131,7 +122,7 @@ func (r *room) serveClient(ws *websocket.Conn) {
 		ws.Close()
 		return
 	}
-	defer r.conns.Done() // join did the Add
+	defer r.conns.Done() // join did the Add (part 2, story 7)
 	var writer sync.WaitGroup
 	writer.Go(func() { r.writeEvents(c) })
 	r.logf("user %d joined from %s (%d online)", c.uid, ws.Request().RemoteAddr, online)
@@ -150,11 +141,12 @@ func (r *room) join(ws *websocket.Conn) (c *client, online int) {
 	if r.closing {
 		return nil, 0
 	}
-	r.conns.Add(1) // under the lock, so never after shutdown began to wait
+	r.conns.Add(1) // under the lock: part 2, story 7
 	r.lastUID++
 	online = len(r.clients) + 1
 	hello := encode(event{Type: "hello", UID: r.lastUID, Online: online, Run: r.run, History: len(r.history)})
-	c = &client{uid: r.lastUID, ws: ws, tcp: heardConnOf(ws), wake: make(chan struct{}, 1),
+	tcp, _ := ws.Request().Context().Value(heardConnKey{}).(*heardConn) // part 3: hearing pongs
+	c = &client{uid: r.lastUID, ws: ws, tcp: tcp, wake: make(chan struct{}, 1),
 		queue: append([]string{hello}, r.history...)}
 	c.wakeWriter()
 	r.clients[c] = true
@@ -164,14 +156,14 @@ func (r *room) join(ws *websocket.Conn) (c *client, online int) {
 
 // readMessages relays the client's messages until a read fails, and returns why.
 func (r *room) readMessages(c *client) (reason string) {
-	var floodClock time.Time // part 2: a client that floods
+	var floodClock time.Time // part 2, story 4
 	for {
 		var text string
 		err := textOnly.Receive(c.ws, &text) // websocket.Message.Receive, refusing binary (part 3)
 		if err == io.EOF {
 			return "closed the connection" // a close frame, or TCP's end
 		} else if err != nil {
-			return err.Error() // a frame too large or binary, or a drop (part 2)
+			return err.Error() // a frame too large or binary, or a drop's deadline
 		}
 		if text = strings.TrimSpace(text); text != "" {
 			r.broadcastMessage(c, text)
@@ -197,10 +189,11 @@ func (r *room) broadcastMessage(from *client, text string) {
 }
 
 // broadcastLocked puts ev into every client's queue, except skip's, and
-// wakes their writers; r.mu is held, so all get one order. A client with
-// queueLimit events waiting is too slow (part 2), and dropped after the
-// loop: within it, its leave would go after ev to the clients already done,
-// and before ev to the rest.
+// wakes their writers. r.mu is held, so all queues get events in one order.
+// A client with queueLimit events waiting is too slow (part 2, story 1),
+// and dropped after the loop. Say carol's queue is full: dropped in the
+// loop, her leave would reach the clients after her before ev, and those
+// before her after it.
 func (r *room) broadcastLocked(ev string, skip *client) {
 	var tooSlow []*client
 	for c := range r.clients {
@@ -231,34 +224,43 @@ func (c *client) wakeWriter() {
 	}
 }
 
-// writeEvents is c's writer. Woken, it sends a ping if the room's clock asked
-// for one (part 2: vanishes), then all that is queued, several events to a
-// text frame. It ends when a write fails, or when a drop has closed wake and
-// the queue is empty.
+// writeEvents is c's writer. Each time it is woken, it sends all that is
+// queued. It ends when a write fails, or once a drop has closed wake: range
+// then takes the last signal, and stops.
 func (r *room) writeEvents(c *client) {
-	for range c.wake { // one turn per signal; the loop ends once wake is closed
+	for range c.wake {
 		runtime.Gosched() // let broadcasts under way queue theirs first: fuller frames, fewer writes
-		for {
-			var err error
-			if c.pingDue.Swap(false) {
-				err = pingFrame.Send(c.ws, nil) // part 3: x/net has no ping call
-			} else if events := c.takeQueue(); len(events) > 0 { // up to 16 KiB (part 2: too slow)
-				err = websocket.Message.Send(c.ws, strings.Join(events, "\n")) // a string: a text frame
-			} else {
-				break // all sent: wait to be woken
-			}
-			if err != nil {
-				r.drop(c, "write failed: "+err.Error())
-				return
-			}
+		if err := c.sendQueued(); err != nil {
+			r.drop(c, "write failed: "+err.Error())
+			return
 		}
 	}
 }
 
-// drop, or dropLocked with r.mu held, takes c out of the room, tells everyone
-// left, and ends c's goroutines (part 2 says how). Whoever gives up on c first
-// calls it: its reader or writer, a broadcast, the clock, shutdown. Later
-// calls change nothing, and drop returns the first reason.
+// sendQueued sends the queue, several events to a text frame, until it is
+// empty; before each frame, a ping if the room's clock asked (part 2, story 3).
+func (c *client) sendQueued() error {
+	for {
+		if c.pingDue.Swap(false) {
+			if err := pingFrame.Send(c.ws, nil); err != nil { // part 3: x/net has no ping call
+				return err
+			}
+		}
+		events := c.takeQueue() // up to 16 KiB of them (part 2, story 1)
+		if len(events) == 0 {
+			return nil
+		}
+		if err := websocket.Message.Send(c.ws, strings.Join(events, "\n")); err != nil { // a string: a text frame
+			return err
+		}
+	}
+}
+
+// drop, or dropLocked with r.mu held, takes c out of the room, tells
+// everyone left, and ends c's goroutines: the reader's read fails at once,
+// and the writer ends after sending what was queued (part 2, story 2).
+// Anyone may call it: the reader, the writer, a broadcast, the clock,
+// shutdown. Only the first call counts; drop returns its reason.
 func (r *room) drop(c *client, reason string) string {
 	r.mu.Lock()
 	defer r.mu.Unlock()
@@ -306,9 +308,8 @@ const (
 // A laptop on a weak link reads slower than a busy room talks: its writer
 // waits in a write, and events wait in its queue. broadcastLocked drops a
 // client with queueLimit events waiting. (A phone whose screen is off reads
-// nothing at all; story 3's rule usually drops it first, at 60 s.) One that
-// catches up gets as many events to a frame as fit in maxFrameBytes, since
-// clients cap the frames they accept.
+// nothing; story 3's rule usually drops it first, at 60 s.) A client that
+// catches up gets frames of up to maxFrameBytes: clients cap what they take.
 func (c *client) takeQueue() (events []string) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
@@ -327,12 +328,12 @@ func (c *client) takeQueue() (events []string) {
 //
 // A dropped client's reader may be waiting in a read, and its writer in a
 // write to a phone that reads nothing. In Go, such a wait ends only when the
-// connection closes or a deadline passes, so a drop sets deadlines. The read
-// deadline is now: the read fails, and the reader goes on to wait for the
-// writer. The write deadline is closeGrace away: a client that still reads
-// gets its last events and a close frame; a write to one that does not fails
-// after 1 s. Closing wake ends the writer once the queue is empty. (Not
-// x/net's Close: it writes a close frame first, behind a blocked write.)
+// connection closes or a deadline passes. So a drop sets two deadlines and
+// closes wake. The read deadline is now: the read fails at once. The write
+// deadline is closeGrace away: a client that still reads gets its last
+// events and a close frame; a write to one that reads nothing fails after
+// 1 s. With wake closed, the writer ends once the queue is empty. (x/net's
+// Close would not do: it writes a close frame, behind the blocked write.)
 func (c *client) endGoroutines() {
 	c.ws.SetReadDeadline(time.Now())
 	c.ws.SetWriteDeadline(time.Now().Add(closeGrace))
@@ -343,19 +344,14 @@ func (c *client) endGoroutines() {
 //
 // A phone walks out of the Wi-Fi: no close frame, no TCP reset, just
 // silence, which TCP would retry for a quarter of an hour. So once a second
-// the room's clock looks at when each client was last heard; any byte counts
+// the room's clock checks when each client was last heard; any byte counts
 // (part 3 says how we know). Silent for pingAfter, a client gets a ping,
-// which every WebSocket client answers with a pong; silent for dropAfter, it
-// is gone. The ping goes ahead of the queue: a slow reader answers in time.
-func (r *room) runClock() {
-	for now := range time.Tick(time.Second) {
-		if !r.checkClients(now) {
-			return // shutting down
-		}
-	}
-}
-
-// checkClients pings (once per pingAfter) and drops; tests call it at made-up times.
+// which every WebSocket client answers with a pong. Silent for dropAfter,
+// it is gone. The ping is sent before any queued event, so a slow reader can
+// still answer in time: it waits only for a write already under way.
+//
+// checkClients is one look (tests call it at made-up times); newRoom starts
+// the clock that calls it.
 func (r *room) checkClients(now time.Time) (running bool) {
 	r.mu.Lock()
 	defer r.mu.Unlock()
@@ -374,22 +370,24 @@ func (r *room) checkClients(now time.Time) (running bool) {
 
 // Story 4: a client that floods.
 //
-// A bot sends a thousand messages at once and buries the conversation; a
-// person may send a few at once. So each message costs its sender
-// floodInterval on a clock of its own, floodClock, which never lags behind
-// real time. It may run ahead by a burst less one message; past that, the
-// reader sleeps, and TCP holds the client back: nothing is lost. With the
-// defaults, a quiet client's first 19 messages put its clock 1.9 s ahead;
-// the 20th, 2 s, so the reader sleeps 0.1 s; then it reads one per 0.1 s.
+// A bot sends a thousand messages at once, and buries the conversation. A
+// person sends a few at once, then pauses. So a client's floodClock is the
+// time up to which its messages are paid for, at floodInterval each. It
+// starts from now whenever it is behind: quiet time saves nothing up. The
+// reader does not read a message that would take the clock more than a
+// burst (floodBurst messages) ahead of now: it sleeps, and TCP holds the
+// client back meanwhile, so nothing is lost. With the defaults, a quiet
+// client's first 20 messages take its clock 2 s ahead, at once; from then
+// on, the reader sleeps 0.1 s before each message.
 func (r *room) limitFlood(floodClock *time.Time) {
 	now := time.Now()
 	if floodClock.Before(now) {
 		*floodClock = now
 	}
-	*floodClock = floodClock.Add(r.floodInterval) // the price of the message just read
-	mayRunAhead := time.Duration(r.floodBurst-1) * r.floodInterval
-	if ahead := floodClock.Sub(now); ahead > mayRunAhead {
-		time.Sleep(ahead - mayRunAhead)
+	*floodClock = floodClock.Add(r.floodInterval) // the message just read is paid for
+	burst := time.Duration(r.floodBurst) * r.floodInterval
+	if wait := floodClock.Add(r.floodInterval).Sub(now) - burst; wait > 0 {
+		time.Sleep(wait) // until the next message keeps the clock within a burst of now
 	}
 }
 
@@ -399,8 +397,8 @@ func (r *room) limitFlood(floodClock *time.Time) {
 // this server. The browser sends the page's site as Origin, and handshake
 // refuses one that is not the Host asked for. A page can also point a name
 // of its own at your LAN address (DNS rebinding), so Host must be an IP
-// address or one of our names. x/net calls handshake before it answers 101.
-// It declines subprotocols, which x/net would echo as if the chat spoke one.
+// address or one of our names. x/net calls handshake before it answers 101;
+// it also declines subprotocols, which x/net would echo, unspoken.
 func (r *room) handshake(config *websocket.Config, req *http.Request) error {
 	config.Protocol = nil
 	host := (&url.URL{Host: req.Host}).Hostname() // no port, no brackets
@@ -415,19 +413,6 @@ func (r *room) handshake(config *websocket.Config, req *http.Request) error {
 		return errors.New("another site")
 	}
 	return nil
-}
-
-// ourNames are localhost, this machine's name, and those given with -host.
-func ourNames(names []string) map[string]bool {
-	if hostname, _ := os.Hostname(); hostname != "" {
-		hostname = strings.TrimSuffix(hostname, ".local") // as macOS may give it
-		names = append(names, hostname, hostname+".local")
-	}
-	ours := map[string]bool{"localhost": true}
-	for _, name := range names {
-		ours[strings.ToLower(name)] = true
-	}
-	return ours
 }
 
 // Story 6: starting. main listens, prints where to point a browser, and
@@ -453,6 +438,28 @@ func main() {
 	r.shutdown()
 }
 
+// newRoom makes a room that answers to localhost, this machine's name, and
+// these names (story 5), and starts its clock (story 3).
+func newRoom(names ...string) *room {
+	if hostname, _ := os.Hostname(); hostname != "" {
+		hostname = strings.TrimSuffix(hostname, ".local") // as macOS may give it
+		names = append(names, hostname, hostname+".local")
+	}
+	r := &room{limits: defaultLimits, logf: log.Printf, hosts: map[string]bool{"localhost": true},
+		run: rand.Text(), clients: map[*client]bool{}}
+	for _, name := range names {
+		r.hosts[strings.ToLower(name)] = true
+	}
+	go func() { // the clock (story 3), until shutdown
+		for now := range time.Tick(time.Second) {
+			if !r.checkClients(now) {
+				return
+			}
+		}
+	}()
+	return r
+}
+
 // printURLs prints the address listened on; for all, localhost and each IPv4 one.
 func printURLs(w io.Writer, addr *net.TCPAddr) {
 	fmt.Fprintln(w, "wschat is running. Open it in a browser:")
@@ -471,10 +478,10 @@ func printURLs(w io.Writer, addr *net.TCPAddr) {
 
 // Story 7: shutting down. Each client should get its last events and a
 // close frame, and one that reads nothing must not hold the process up.
-// srv.Close forgets connections handed to x/net, so shutdown drops every
-// client (story 2), with no leave, and waits until each connection is
-// closed. join counts each in conns under the lock that closing is set
-// under, so no count can come after the wait began.
+// srv.Close does not close connections handed to x/net. So shutdown drops
+// every client (story 2), with no leave, and waits for each connection to
+// close. Setting closing keeps newcomers out. join counts each connection
+// in conns under the same lock, so no count comes after the wait begins.
 func (r *room) shutdown() {
 	r.mu.Lock()
 	r.closing = true
@@ -493,9 +500,9 @@ func (r *room) shutdown() {
 // Hearing pongs. The room's clock (story 3) must know when a client was last
 // heard, and a pong is how a quiet client answers. But x/net reads pongs
 // inside Receive and drops them. Every byte x/net reads, though, comes from
-// the TCP connection that net/http accepted. So main's listener wraps each
-// connection in a heardConn, whose Read notes the time. ConnContext puts it
-// in its requests' context, where join finds it.
+// the TCP connection net/http accepted. So main's listener wraps each one in
+// a heardConn, whose Read notes the time, and the server's ConnContext,
+// rememberConn, puts it in its requests' context, where join finds it.
 type heardConn struct {
 	net.Conn
 	accepted time.Time
@@ -522,15 +529,8 @@ func (l hearingListener) Accept() (net.Conn, error) {
 	return &heardConn{Conn: conn, accepted: time.Now()}, nil
 }
 
-// rememberConn, the server's ConnContext, puts each connection in the
-// context of its requests; heardConnOf takes it out again.
 func rememberConn(ctx context.Context, conn net.Conn) context.Context {
 	return context.WithValue(ctx, heardConnKey{}, conn)
-}
-
-func heardConnOf(ws *websocket.Conn) *heardConn {
-	conn, _ := ws.Request().Context().Value(heardConnKey{}).(*heardConn)
-	return conn
 }
 
 type heardConnKey struct{}
