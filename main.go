@@ -32,9 +32,6 @@ import (
 
 // ---- Part 1: the chat ----
 //
-// A client's text frame is a chat message; the server's text frames carry
-// events, one JSON object per line (the README's protocol).
-//
 // Each connection has two goroutines. Its reader puts each message it reads
 // into every client's queue, under the room's lock, so that all get the same
 // order; its writer sends its own queue, so a slow client delays only itself.
@@ -74,7 +71,7 @@ type room struct {
 	logf   func(format string, args ...any) // log.Printf; tests narrate
 	hosts  map[string]bool                  // the names this server answers to (part 2, story 5)
 	run    string                           // new at every start (see hello)
-	conns  sync.WaitGroup                   // joined connections not yet closed (part 2, story 7)
+	conns  sync.WaitGroup                   // joined connections not yet closed; Add only under mu (part 2, story 7)
 
 	mu                 sync.Mutex
 	clients            map[*client]bool
@@ -126,7 +123,7 @@ func (r *room) serveClient(ws *websocket.Conn) {
 	var writer sync.WaitGroup
 	writer.Go(func() { r.writeEvents(c) })
 	r.logf("user %d joined from %s (%d online)", c.uid, ws.Request().RemoteAddr, online)
-	reason := r.drop(c, r.readMessages(c))
+	reason := r.drop(c, r.readMessages(c)) // the first reason given: maybe not this one
 	writer.Wait()
 	ws.Close() // sends a close frame, if the client still reads, and closes TCP
 	r.logf("user %d left: %s", c.uid, reason)
@@ -145,7 +142,7 @@ func (r *room) join(ws *websocket.Conn) (c *client, online int) {
 	r.lastUID++
 	online = len(r.clients) + 1
 	hello := encode(event{Type: "hello", UID: r.lastUID, Online: online, Run: r.run, History: len(r.history)})
-	tcp, _ := ws.Request().Context().Value(heardConnKey{}).(*heardConn) // part 3: hearing pongs
+	tcp := ws.Request().Context().Value(heardConnKey{}).(*heardConn) // part 3; a panic if not served so
 	c = &client{uid: r.lastUID, ws: ws, tcp: tcp, wake: make(chan struct{}, 1),
 		queue: append([]string{hello}, r.history...)}
 	c.wakeWriter()
@@ -190,10 +187,11 @@ func (r *room) broadcastMessage(from *client, text string) {
 
 // broadcastLocked puts ev into every client's queue, except skip's, and
 // wakes their writers. r.mu is held, so all queues get events in one order.
-// A client with queueLimit events waiting is too slow (part 2, story 1),
-// and dropped after the loop. Say carol's queue is full: dropped in the
-// loop, her leave would reach the clients after her before ev, and those
-// before her after it.
+// A client with queueLimit events waiting is too slow (part 2, story 1).
+// Why drop it after the loop? Say the loop meets carol, whose queue is full,
+// halfway. Dropped then, her leave would go into the other queues at once:
+// the clients the loop meets later would get it before ev, the others after
+// ev. Her leave is a broadcast too: it may find another queue full.
 func (r *room) broadcastLocked(ev string, skip *client) {
 	var tooSlow []*client
 	for c := range r.clients {
@@ -225,11 +223,11 @@ func (c *client) wakeWriter() {
 }
 
 // writeEvents is c's writer. Each time it is woken, it sends all that is
-// queued. It ends when a write fails, or once a drop has closed wake: range
-// then takes the last signal, and stops.
+// queued. It ends when a write fails, or when a drop closes wake: a range
+// over a channel ends once the channel is closed and empty.
 func (r *room) writeEvents(c *client) {
 	for range c.wake {
-		runtime.Gosched() // let broadcasts under way queue theirs first: fuller frames, fewer writes
+		runtime.Gosched() // tuning, measured: broadcasts under way queue theirs first, so frames are fuller
 		if err := c.sendQueued(); err != nil {
 			r.drop(c, "write failed: "+err.Error())
 			return
@@ -331,7 +329,7 @@ func (c *client) takeQueue() (events []string) {
 // connection closes or a deadline passes. So a drop sets two deadlines and
 // closes wake. The read deadline is now: the read fails at once. The write
 // deadline is closeGrace away: a client that still reads gets its last
-// events and a close frame; a write to one that reads nothing fails after
+// events and a close frame. A write to one that reads nothing fails after
 // 1 s. With wake closed, the writer ends once the queue is empty. (x/net's
 // Close would not do: it writes a close frame, behind the blocked write.)
 func (c *client) endGoroutines() {
@@ -347,8 +345,8 @@ func (c *client) endGoroutines() {
 // the room's clock checks when each client was last heard; any byte counts
 // (part 3 says how we know). Silent for pingAfter, a client gets a ping,
 // which every WebSocket client answers with a pong. Silent for dropAfter,
-// it is gone. The ping is sent before any queued event, so a slow reader can
-// still answer in time: it waits only for a write already under way.
+// it is gone. The ping goes out before the events queued, so a client that
+// reads slowly still answers in time.
 //
 // checkClients is one look (tests call it at made-up times); newRoom starts
 // the clock that calls it.
@@ -357,7 +355,7 @@ func (r *room) checkClients(now time.Time) (running bool) {
 	defer r.mu.Unlock()
 	for c := range r.clients {
 		switch silent := now.Sub(c.tcp.lastHeard()); {
-		case silent >= r.dropAfter:
+		case silent >= r.dropAfter: // a drop deletes c from r.clients, which Go allows mid-range
 			r.dropLocked(c, fmt.Sprintf("heard nothing for %.0f s", r.dropAfter.Seconds()))
 		case silent >= r.pingAfter && now.Sub(c.pingedAt) >= r.pingAfter:
 			c.pingedAt = now
@@ -374,8 +372,8 @@ func (r *room) checkClients(now time.Time) (running bool) {
 // person sends a few at once, then pauses. So a client's floodClock is the
 // time up to which its messages are paid for, at floodInterval each. It
 // starts from now whenever it is behind: quiet time saves nothing up. The
-// reader does not read a message that would take the clock more than a
-// burst (floodBurst messages) ahead of now: it sleeps, and TCP holds the
+// reader reads no message that would take the clock more than a burst
+// (floodBurst messages) ahead of now. It sleeps instead, and TCP holds the
 // client back meanwhile, so nothing is lost. With the defaults, a quiet
 // client's first 20 messages take its clock 2 s ahead, at once; from then
 // on, the reader sleeps 0.1 s before each message.
@@ -386,9 +384,8 @@ func (r *room) limitFlood(floodClock *time.Time) {
 	}
 	*floodClock = floodClock.Add(r.floodInterval) // the message just read is paid for
 	burst := time.Duration(r.floodBurst) * r.floodInterval
-	if wait := floodClock.Add(r.floodInterval).Sub(now) - burst; wait > 0 {
-		time.Sleep(wait) // until the next message keeps the clock within a burst of now
-	}
+	nextReadAt := floodClock.Add(r.floodInterval).Add(-burst) // the next message, paid for, is a burst ahead
+	time.Sleep(time.Until(nextReadAt))                        // if that is still to come
 }
 
 // Story 5: a page from another site.
@@ -397,8 +394,8 @@ func (r *room) limitFlood(floodClock *time.Time) {
 // this server. The browser sends the page's site as Origin, and handshake
 // refuses one that is not the Host asked for. A page can also point a name
 // of its own at your LAN address (DNS rebinding), so Host must be an IP
-// address or one of our names. x/net calls handshake before it answers 101;
-// it also declines subprotocols, which x/net would echo, unspoken.
+// address or one of our names. x/net calls handshake before it answers 101.
+// It also declines every subprotocol, or x/net would echo the client's.
 func (r *room) handshake(config *websocket.Config, req *http.Request) error {
 	config.Protocol = nil
 	host := (&url.URL{Host: req.Host}).Hostname() // no port, no brackets
