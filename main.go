@@ -37,7 +37,7 @@ import (
 // order; its writer sends its own queue, so a slow client delays only itself.
 
 //go:embed index.html
-var indexHTML []byte // the page; main, which serves it and the chat, is in part 2
+var indexHTML []byte // the page, which server serves at /
 
 // An event is what the server sends: hello, join, leave or msg.
 type event struct {
@@ -94,10 +94,9 @@ type client struct {
 	queue []string // events the writer has not taken yet
 }
 
-// server serves the page at / and the chat at /ws. x/net's websocket.Server
-// answers the handshake (after our check, part 2) with 101, then calls
-// serveClient on the same goroutine, which becomes the client's reader. main
-// serves it through a hearingListener, which the room's clock needs (part 3).
+// server serves the page at / and the chat at /ws, where x/net's
+// websocket.Server answers the handshake (after our check, part 2) with 101,
+// then calls serveClient on the same goroutine: the client's reader.
 func (r *room) server() *http.Server {
 	mux := http.NewServeMux()
 	mux.HandleFunc("GET /{$}", func(w http.ResponseWriter, _ *http.Request) {
@@ -125,7 +124,7 @@ func (r *room) serveClient(ws *websocket.Conn) {
 	r.logf("user %d joined from %s (%d online)", c.uid, ws.Request().RemoteAddr, online)
 	reason := r.drop(c, r.readMessages(c)) // the first reason given: maybe not this one
 	writer.Wait()
-	ws.Close() // sends a close frame, if the client still reads, and closes TCP
+	ws.Close() // sends a close frame, if the write deadline allows, and closes TCP
 	r.logf("user %d left: %s", c.uid, reason)
 }
 
@@ -133,6 +132,7 @@ func (r *room) serveClient(ws *websocket.Conn) {
 // hello and the history, and tells everyone else (nil: shutting down). It
 // holds the lock every broadcast takes: no message slips in between.
 func (r *room) join(ws *websocket.Conn) (c *client, online int) {
+	tcp := heardConnOf(ws) // part 3: hearing pongs
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	if r.closing {
@@ -142,7 +142,6 @@ func (r *room) join(ws *websocket.Conn) (c *client, online int) {
 	r.lastUID++
 	online = len(r.clients) + 1
 	hello := encode(event{Type: "hello", UID: r.lastUID, Online: online, Run: r.run, History: len(r.history)})
-	tcp := ws.Request().Context().Value(heardConnKey{}).(*heardConn) // part 3; a panic if not served so
 	c = &client{uid: r.lastUID, ws: ws, tcp: tcp, wake: make(chan struct{}, 1),
 		queue: append([]string{hello}, r.history...)}
 	c.wakeWriter()
@@ -191,7 +190,7 @@ func (r *room) broadcastMessage(from *client, text string) {
 // Why drop it after the loop? Say the loop meets carol, whose queue is full,
 // halfway. Dropped then, her leave would go into the other queues at once:
 // the clients the loop meets later would get it before ev, the others after
-// ev. Her leave is a broadcast too: it may find another queue full.
+// ev. After the loop, everyone gets ev first, then her leave.
 func (r *room) broadcastLocked(ev string, skip *client) {
 	var tooSlow []*client
 	for c := range r.clients {
@@ -212,9 +211,9 @@ func (r *room) broadcastLocked(ev string, skip *client) {
 	}
 }
 
-// wakeWriter tells c's writer there is something to send. wake buffers one
-// signal: enough, as a woken writer empties the whole queue. r.mu must be
-// held: a drop closes wake under it, and a send on a closed channel panics.
+// wakeWriter tells c's writer there is something to send: one signal waiting
+// is enough, as a woken writer empties the whole queue. r.mu must be held: a
+// drop closes wake under it, and a send on a closed channel panics.
 func (c *client) wakeWriter() {
 	select {
 	case c.wake <- struct{}{}:
@@ -227,7 +226,7 @@ func (c *client) wakeWriter() {
 // over a channel ends once the channel is closed and empty.
 func (r *room) writeEvents(c *client) {
 	for range c.wake {
-		runtime.Gosched() // tuning, measured: broadcasts under way queue theirs first, so frames are fuller
+		runtime.Gosched() // yield once: broadcasts under way add their events, and one frame takes them all
 		if err := c.sendQueued(); err != nil {
 			r.drop(c, "write failed: "+err.Error())
 			return
@@ -302,12 +301,11 @@ const (
 )
 
 // Story 1: a client too slow to read.
-//
 // A laptop on a weak link reads slower than a busy room talks: its writer
 // waits in a write, and events wait in its queue. broadcastLocked drops a
 // client with queueLimit events waiting. (A phone whose screen is off reads
-// nothing; story 3's rule usually drops it first, at 60 s.) A client that
-// catches up gets frames of up to maxFrameBytes: clients cap what they take.
+// nothing; story 3's rule usually drops it first, at 60 s.) One that catches
+// up gets frames of up to maxFrameBytes: clients limit the frames they take.
 func (c *client) takeQueue() (events []string) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
@@ -323,15 +321,14 @@ func (c *client) takeQueue() (events []string) {
 }
 
 // Story 2: ending a dropped client.
-//
 // A dropped client's reader may be waiting in a read, and its writer in a
 // write to a phone that reads nothing. In Go, such a wait ends only when the
 // connection closes or a deadline passes. So a drop sets two deadlines and
 // closes wake. The read deadline is now: the read fails at once. The write
 // deadline is closeGrace away: a client that still reads gets its last
 // events and a close frame. A write to one that reads nothing fails after
-// 1 s. With wake closed, the writer ends once the queue is empty. (x/net's
-// Close would not do: it writes a close frame, behind the blocked write.)
+// 1 s. With wake closed, the writer ends once the queue is empty. Why not
+// x/net's Close? It writes a close frame, which waits behind a blocked write.
 func (c *client) endGoroutines() {
 	c.ws.SetReadDeadline(time.Now())
 	c.ws.SetWriteDeadline(time.Now().Add(closeGrace))
@@ -339,14 +336,13 @@ func (c *client) endGoroutines() {
 }
 
 // Story 3: a client that vanishes.
-//
 // A phone walks out of the Wi-Fi: no close frame, no TCP reset, just
 // silence, which TCP would retry for a quarter of an hour. So once a second
 // the room's clock checks when each client was last heard; any byte counts
 // (part 3 says how we know). Silent for pingAfter, a client gets a ping,
 // which every WebSocket client answers with a pong. Silent for dropAfter,
-// it is gone. The ping goes out before the events queued, so a client that
-// reads slowly still answers in time.
+// it is gone. The ping goes out before the events still in the queue, so a
+// client that reads slowly still answers in time.
 //
 // checkClients is one look (tests call it at made-up times); newRoom starts
 // the clock that calls it.
@@ -367,7 +363,6 @@ func (r *room) checkClients(now time.Time) (running bool) {
 }
 
 // Story 4: a client that floods.
-//
 // A bot sends a thousand messages at once, and buries the conversation. A
 // person sends a few at once, then pauses. So a client's floodClock is the
 // time up to which its messages are paid for, at floodInterval each. It
@@ -382,14 +377,13 @@ func (r *room) limitFlood(floodClock *time.Time) {
 	if floodClock.Before(now) {
 		*floodClock = now
 	}
-	*floodClock = floodClock.Add(r.floodInterval) // the message just read is paid for
-	burst := time.Duration(r.floodBurst) * r.floodInterval
-	nextReadAt := floodClock.Add(r.floodInterval).Add(-burst) // the next message, paid for, is a burst ahead
-	time.Sleep(time.Until(nextReadAt))                        // if that is still to come
+	*floodClock = floodClock.Add(r.floodInterval)          // the message just read is paid for
+	burst := time.Duration(r.floodBurst) * r.floodInterval // 2 s with the defaults
+	afterNext := floodClock.Add(r.floodInterval)           // where the next message would take the clock
+	time.Sleep(afterNext.Sub(now) - burst)                 // until that is within a burst of now; no wait if it is
 }
 
 // Story 5: a page from another site.
-//
 // Any page you open could chat here in your name: your browser can reach
 // this server. The browser sends the page's site as Origin, and handshake
 // refuses one that is not the Host asked for. A page can also point a name
@@ -412,9 +406,10 @@ func (r *room) handshake(config *websocket.Config, req *http.Request) error {
 	return nil
 }
 
-// Story 6: starting. main listens, prints where to point a browser, and
-// serves until Ctrl-C (SIGINT), or SIGTERM as docker stop and systemd send;
-// then it shuts down. A second signal ends the process at once.
+// Story 6: starting.
+// main listens, prints where to point a browser, and serves until Ctrl-C
+// (SIGINT), or SIGTERM as docker stop and systemd send; then it shuts down.
+// A second signal ends the process at once.
 func main() {
 	addr := flag.String("addr", ":8080", "`host:port` to listen on; :0 picks a free port")
 	hosts := flag.String("host", "", "other `names` of this server, comma-separated, for the chat to accept")
@@ -473,12 +468,13 @@ func printURLs(w io.Writer, addr *net.TCPAddr) {
 	}
 }
 
-// Story 7: shutting down. Each client should get its last events and a
-// close frame, and one that reads nothing must not hold the process up.
-// srv.Close does not close connections handed to x/net. So shutdown drops
-// every client (story 2), with no leave, and waits for each connection to
-// close. Setting closing keeps newcomers out. join counts each connection
-// in conns under the same lock, so no count comes after the wait begins.
+// Story 7: shutting down.
+// Each client should get its last events and a close frame, and one that
+// reads nothing must not hold the process up. srv.Close does not close
+// connections handed to x/net. So shutdown drops every client (story 2),
+// with no leave, and waits for each connection to close. Setting closing
+// keeps newcomers out. join counts each connection in conns under the same
+// lock, so no count comes after the wait begins.
 func (r *room) shutdown() {
 	r.mu.Lock()
 	r.closing = true
@@ -494,12 +490,13 @@ func (r *room) shutdown() {
 // x/net does the handshake, the frames and their masks, and answers pings.
 // It lacks three things the chat needs, which gorilla's and coder's have.
 
-// Hearing pongs. The room's clock (story 3) must know when a client was last
-// heard, and a pong is how a quiet client answers. But x/net reads pongs
-// inside Receive and drops them. Every byte x/net reads, though, comes from
-// the TCP connection net/http accepted. So main's listener wraps each one in
-// a heardConn, whose Read notes the time, and the server's ConnContext,
-// rememberConn, puts it in its requests' context, where join finds it.
+// Hearing pongs. The room's clock (story 3) must know when each client was
+// last heard, and a quiet client is heard only through its pongs. But x/net
+// reads pongs inside Receive and drops them. So we listen on TCP instead:
+//  1. main's hearingListener wraps each connection it accepts in a heardConn;
+//  2. heardConn's Read notes the time whenever bytes arrive, pongs included;
+//  3. the server's ConnContext, rememberConn, puts it in its requests' context;
+//  4. join takes it from there, with heardConnOf.
 type heardConn struct {
 	net.Conn
 	accepted time.Time
@@ -528,6 +525,12 @@ func (l hearingListener) Accept() (net.Conn, error) {
 
 func rememberConn(ctx context.Context, conn net.Conn) context.Context {
 	return context.WithValue(ctx, heardConnKey{}, conn)
+}
+
+// heardConnOf panics unless the server is served through a hearingListener
+// (main does so), which the room's clock needs.
+func heardConnOf(ws *websocket.Conn) *heardConn {
+	return ws.Request().Context().Value(heardConnKey{}).(*heardConn)
 }
 
 type heardConnKey struct{}
