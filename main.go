@@ -51,7 +51,7 @@ type event struct {
 	At      int64  `json:"at,omitempty"`      // msg: when the server relayed it, in Unix milliseconds
 }
 
-// encode makes ev one line of JSON, with HTML unescaped: the page shows text.
+// encode makes ev one line of JSON, leaving HTML as it is (the page shows text).
 func encode(ev event) string {
 	var line bytes.Buffer
 	enc := json.NewEncoder(&line)
@@ -122,7 +122,7 @@ func (r *room) serveClient(ws *websocket.Conn) {
 	var writer sync.WaitGroup
 	writer.Go(func() { r.writeEvents(c) })
 	r.logf("user %d joined from %s (%d online)", c.uid, ws.Request().RemoteAddr, online)
-	reason := r.drop(c, r.readMessages(c)) // the first reason given: maybe not this one
+	reason := r.drop(c, r.readMessages(c)) // drop returns the first reason given, maybe another
 	writer.Wait()
 	ws.Close() // sends a close frame, if the write deadline allows, and closes TCP
 	r.logf("user %d left: %s", c.uid, reason)
@@ -130,7 +130,7 @@ func (r *room) serveClient(ws *websocket.Conn) {
 
 // join gives the connection the next user id and a queue that starts with
 // hello and the history, and tells everyone else (nil: shutting down). It
-// holds the lock every broadcast takes: no message slips in between.
+// holds the lock every broadcast takes, so no message slips in between.
 func (r *room) join(ws *websocket.Conn) (c *client, online int) {
 	tcp := heardConnOf(ws) // part 3: hearing pongs
 	r.mu.Lock()
@@ -211,9 +211,9 @@ func (r *room) broadcastLocked(ev string, skip *client) {
 	}
 }
 
-// wakeWriter tells c's writer there is something to send: one signal waiting
-// is enough, as a woken writer empties the whole queue. r.mu must be held: a
-// drop closes wake under it, and a send on a closed channel panics.
+// wakeWriter tells c's writer there is something to send. One signal waiting
+// is enough, as a woken writer empties the whole queue. r.mu must be held,
+// because a drop closes wake under it, and a send on a closed channel panics.
 func (c *client) wakeWriter() {
 	select {
 	case c.wake <- struct{}{}:
@@ -222,11 +222,11 @@ func (c *client) wakeWriter() {
 }
 
 // writeEvents is c's writer. Each time it is woken, it sends all that is
-// queued. It ends when a write fails, or when a drop closes wake: a range
-// over a channel ends once the channel is closed and empty.
+// queued. It ends when a write fails, or when a drop closes wake (a range
+// over a channel ends once the channel is closed and empty).
 func (r *room) writeEvents(c *client) {
 	for range c.wake {
-		runtime.Gosched() // yield once: broadcasts under way add their events, and one frame takes them all
+		runtime.Gosched() // for speed only: broadcasts under way add their events, and one frame takes them all
 		if err := c.sendQueued(); err != nil {
 			r.drop(c, "write failed: "+err.Error())
 			return
@@ -301,11 +301,11 @@ const (
 )
 
 // Story 1: a client too slow to read.
-// A laptop on a weak link reads slower than a busy room talks: its writer
+// A laptop on a weak link reads slower than a busy room talks. Its writer
 // waits in a write, and events wait in its queue. broadcastLocked drops a
 // client with queueLimit events waiting. (A phone whose screen is off reads
 // nothing; story 3's rule usually drops it first, at 60 s.) One that catches
-// up gets frames of up to maxFrameBytes: clients limit the frames they take.
+// up gets frames of up to maxFrameBytes, as clients limit what they accept.
 func (c *client) takeQueue() (events []string) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
@@ -324,11 +324,11 @@ func (c *client) takeQueue() (events []string) {
 // A dropped client's reader may be waiting in a read, and its writer in a
 // write to a phone that reads nothing. In Go, such a wait ends only when the
 // connection closes or a deadline passes. So a drop sets two deadlines and
-// closes wake. The read deadline is now: the read fails at once. The write
-// deadline is closeGrace away: a client that still reads gets its last
+// closes wake. The read deadline is now, so the read fails at once. The write
+// deadline is closeGrace away. A client that still reads gets its last
 // events and a close frame. A write to one that reads nothing fails after
-// 1 s. With wake closed, the writer ends once the queue is empty. Why not
-// x/net's Close? It writes a close frame, which waits behind a blocked write.
+// 1 s. With wake closed, the writer ends once the queue is empty. (x/net's
+// Close writes a close frame, so serveClient calls it after the writer ends.)
 func (c *client) endGoroutines() {
 	c.ws.SetReadDeadline(time.Now())
 	c.ws.SetWriteDeadline(time.Now().Add(closeGrace))
@@ -366,7 +366,7 @@ func (r *room) checkClients(now time.Time) (running bool) {
 // A bot sends a thousand messages at once, and buries the conversation. A
 // person sends a few at once, then pauses. So a client's floodClock is the
 // time up to which its messages are paid for, at floodInterval each. It
-// starts from now whenever it is behind: quiet time saves nothing up. The
+// starts from now whenever it is behind, so quiet time saves nothing up. The
 // reader reads no message that would take the clock more than a burst
 // (floodBurst messages) ahead of now. It sleeps instead, and TCP holds the
 // client back meanwhile, so nothing is lost. With the defaults, a quiet
@@ -384,8 +384,8 @@ func (r *room) limitFlood(floodClock *time.Time) {
 }
 
 // Story 5: a page from another site.
-// Any page you open could chat here in your name: your browser can reach
-// this server. The browser sends the page's site as Origin, and handshake
+// Any page you open could chat here in your name, since your browser can
+// reach this server. The browser sends the page's site as Origin, and handshake
 // refuses one that is not the Host asked for. A page can also point a name
 // of its own at your LAN address (DNS rebinding), so Host must be an IP
 // address or one of our names. x/net calls handshake before it answers 101.
