@@ -161,20 +161,21 @@ func (r *room) readMessages(c *client) (reason string) {
 		} else if err != nil {
 			return err.Error() // a frame too large or binary, or a drop's deadline
 		}
-		if text = strings.TrimSpace(text); text != "" {
-			r.broadcastMessage(c, text)
+		if !r.broadcastMessage(c, strings.TrimSpace(text)) {
+			return "dropped" // with frames still in the buffer, past the read deadline
 		}
 		r.limitFlood(&floodClock) // waits, if the client sends too fast
 	}
 }
 
 // broadcastMessage sends a message to everyone, its sender too, and keeps it
-// for newcomers; unless the room dropped the sender during the read.
-func (r *room) broadcastMessage(from *client, text string) {
+// for newcomers; it ignores an empty one. If the room has dropped the sender,
+// it sends nothing, and reports false.
+func (r *room) broadcastMessage(from *client, text string) (inRoom bool) {
 	r.mu.Lock()
 	defer r.mu.Unlock()
-	if !r.clients[from] {
-		return
+	if !r.clients[from] || text == "" { // dropped during the read, or nothing to say
+		return r.clients[from]
 	}
 	r.lastMsgID++
 	ev := encode(event{Type: "msg", ID: r.lastMsgID, UID: from.uid, Msg: text, At: time.Now().UnixMilli()})
@@ -182,6 +183,7 @@ func (r *room) broadcastMessage(from *client, text string) {
 		r.history = r.history[1:]
 	}
 	r.broadcastLocked(ev, nil)
+	return true
 }
 
 // broadcastLocked puts ev into every client's queue, except skip's, and
@@ -495,8 +497,7 @@ func (r *room) shutdown() {
 // reads pongs inside Receive and drops them. So we listen on TCP instead:
 //  1. main's hearingListener wraps each connection it accepts in a heardConn;
 //  2. heardConn's Read notes the time whenever bytes arrive, pongs included;
-//  3. the server's ConnContext, rememberConn, puts it in its requests' context;
-//  4. join takes it from there, with heardConnOf.
+//  3. rememberConn (ConnContext) puts it in the requests' context, for join.
 type heardConn struct {
 	net.Conn
 	accepted time.Time
@@ -527,8 +528,7 @@ func rememberConn(ctx context.Context, conn net.Conn) context.Context {
 	return context.WithValue(ctx, heardConnKey{}, conn)
 }
 
-// heardConnOf panics unless the server is served through a hearingListener
-// (main does so), which the room's clock needs.
+// heardConnOf panics unless a hearingListener (as main's) accepted the connection.
 func heardConnOf(ws *websocket.Conn) *heardConn {
 	return ws.Request().Context().Value(heardConnKey{}).(*heardConn)
 }

@@ -471,12 +471,12 @@ func TestPageRoutesAndHeaderTimeout(t *testing.T) {
 		}
 	}
 	t.Logf("GET / serves the embedded page (%d bytes)", len(indexHTML))
+	start := time.Now() // before the dial: the server's timeout starts once it accepts
 	conn, err := net.Dial("tcp", srv.Listener.Addr().String())
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer conn.Close()
-	start := time.Now()
 	io.WriteString(conn, "GET / HTTP/1.1\r\nHost: localhost\r\n") // and never the blank line
 	conn.SetReadDeadline(time.Now().Add(10 * time.Second))
 	_, err = conn.Read(make([]byte, 1))
@@ -831,8 +831,7 @@ func TestJoiningMidConversationMissesNothing(t *testing.T) {
 		}
 		next = n
 	}
-	t.Logf("bob heard %d to %d as history, then %d to %d live: every number once, in order",
-		first, first+hello.History-1, first+hello.History, total-1)
+	t.Logf("bob heard %d to %d as history, then %d to %d live: every number once, in order", first, first+hello.History-1, first+hello.History, total-1)
 }
 
 // A message relayed while a newcomer waits for the room's lock reaches it
@@ -947,8 +946,7 @@ func TestCatchingUpComesInCappedFrames(t *testing.T) {
 	if shared == 0 {
 		t.Fatal("no frame carried more than one event")
 	}
-	t.Logf("the ping came before message %d of %d; sleepy caught up on all %d messages, in order; largest frame %d bytes; %d frames carried several events",
-		pingAt, sent, sent+1, largest, shared)
+	t.Logf("the ping came before message %d of %d; sleepy caught up on all %d messages, in order; largest frame %d bytes; %d frames carried several events", pingAt, sent, sent+1, largest, shared)
 }
 
 // Events share a frame up to 16 KiB, the newlines counted, and fill it: the
@@ -1123,22 +1121,29 @@ func TestTooSlowClientsLeaveAtOnePlace(t *testing.T) {
 }
 
 // A message read from a client just dropped is not broadcast: everyone has
-// heard its leave. The server reads both of mallory's frames at once, relays
-// the first, holds the second one flood interval; the room drops mallory.
+// heard its leave. And its reader stops at once, though more frames wait in
+// its buffer, each of which would cost a flood interval. The server reads all
+// of mallory's frames at once, relays the first, holds the second one flood
+// interval; the room drops mallory.
 func TestDroppedClientSpeaksNoMore(t *testing.T) {
 	r, srv := startServer(t, func(r *room) { r.floodBurst, r.floodInterval = 1, 500*time.Millisecond })
 	alice := joinRoom(t, srv, "alice")[0]
 	mallory, br := rawJoin(t, srv.Listener.Addr().String())
 	alice.expect(join(2, 2))
-	t.Log("mallory sends two messages in one TCP write")
-	mallory.Write(append(clientFrame(websocket.TextFrame, "first"), clientFrame(websocket.TextFrame, "second")...))
+	t.Log("mallory sends two messages and 100 empty frames in one TCP write")
+	frames := append(clientFrame(websocket.TextFrame, "first"), clientFrame(websocket.TextFrame, "second")...)
+	mallory.Write(append(frames, bytes.Repeat(clientFrame(websocket.TextFrame, ""), 100)...))
 	alice.expect(msg(2, "first"))
 	onServer := r.serverSide(2)
 	r.mu.Lock()
 	r.dropLocked(onServer, "dropped by the test")
 	r.mu.Unlock()
+	start := time.Now()
 	alice.expect(leave(2, 1))
-	io.Copy(io.Discard, br) // until the server closes mallory's connection: it is done with both frames
+	if _, err := io.Copy(io.Discard, br); err != nil || time.Since(start) > 3*time.Second {
+		t.Fatalf("mallory's connection closed after %v (%v): want at once, the frames left unread", time.Since(start), err)
+	}
+	t.Logf("the server closed mallory's connection %v after the drop", time.Since(start).Round(time.Millisecond))
 	alice.say("still here")
 	alice.expect(msg(1, "still here")) // and not mallory's "second"
 }
@@ -1230,9 +1235,8 @@ func TestShutdownClosesEveryConnection(t *testing.T) {
 
 // Shutdown waits for every connection join let in: join counts it in conns
 // before it lets go of the lock; later, it could be counted after shutdown
-// (which sets closing under that lock) began to wait. Here the test plays
-// serveClient: it calls join, and says the connection is done only once
-// shutdown has dropped the client.
+// (which sets closing under that lock) began to wait. The test plays
+// serveClient: it calls join, and is done only once shutdown drops alice.
 func TestShutdownWaitsForEveryJoinedConnection(t *testing.T) {
 	r := &room{limits: defaultLimits, logf: t.Logf, clients: map[*client]bool{}} // no clock
 	joined := make(chan *client, 1)
@@ -1458,8 +1462,7 @@ func TestDefaultsAreTheDocumentedOnes(t *testing.T) {
 		t.Errorf("defaultLimits = %+v, want %+v", defaultLimits, want)
 	}
 	if maxMessageBytes != 4096 || maxFrameBytes != 16<<10 || historySize != 100 || closeGrace != time.Second {
-		t.Errorf("maxMessageBytes %d, maxFrameBytes %d, historySize %d, closeGrace %v; want 4096, 16384, 100, 1s",
-			maxMessageBytes, maxFrameBytes, historySize, closeGrace)
+		t.Errorf("maxMessageBytes %d, maxFrameBytes %d, historySize %d, closeGrace %v; want 4096, 16384, 100, 1s", maxMessageBytes, maxFrameBytes, historySize, closeGrace)
 	}
 }
 
