@@ -52,12 +52,12 @@ type event struct {
 }
 
 // encode makes ev one line of JSON, leaving HTML as it is (the page shows text).
-func encode(ev event) string {
+func encode(ev event) []byte {
 	var line bytes.Buffer
 	enc := json.NewEncoder(&line)
 	enc.SetEscapeHTML(false)
 	enc.Encode(ev) // cannot fail on strings and ints
-	return strings.TrimSuffix(line.String(), "\n")
+	return bytes.TrimSuffix(line.Bytes(), []byte("\n"))
 }
 
 // A room is everyone connected, and the last messages.
@@ -76,7 +76,7 @@ type room struct {
 	mu                 sync.Mutex
 	clients            map[*client]bool
 	lastUID, lastMsgID int
-	history            []string // the last historySize msg events, oldest first
+	history            [][]byte // the last historySize msg events, oldest first
 	closing            bool     // shutting down: nobody may join (part 2, story 7)
 }
 
@@ -91,7 +91,7 @@ type client struct {
 	pingDue     atomic.Bool   // the clock asks the writer to send a ping (part 2, story 3)
 
 	mu    sync.Mutex
-	queue []string // events the writer has not taken yet
+	queue [][]byte // events the writer has not taken yet
 }
 
 // server serves the page at / and the chat at /ws, where x/net's
@@ -143,7 +143,7 @@ func (r *room) join(ws *websocket.Conn) (c *client, online int) {
 	online = len(r.clients) + 1
 	hello := encode(event{Type: "hello", UID: r.lastUID, Online: online, Run: r.run, History: len(r.history)})
 	c = &client{uid: r.lastUID, ws: ws, tcp: tcp, wake: make(chan struct{}, 1),
-		queue: append([]string{hello}, r.history...)}
+		queue: append([][]byte{hello}, r.history...)}
 	c.wakeWriter()
 	r.clients[c] = true
 	r.broadcastLocked(encode(event{Type: "join", UID: c.uid, Online: online}), c)
@@ -193,7 +193,7 @@ func (r *room) broadcastMessage(from *client, text string) (inRoom bool) {
 // halfway. Dropped then, her leave would go into the other queues at once:
 // the clients the loop meets later would get it before ev, the others after
 // ev. After the loop, everyone gets ev first, then her leave.
-func (r *room) broadcastLocked(ev string, skip *client) {
+func (r *room) broadcastLocked(ev []byte, skip *client) {
 	var tooSlow []*client
 	for c := range r.clients {
 		if c == skip {
@@ -249,7 +249,7 @@ func (c *client) sendQueued() error {
 		if len(events) == 0 {
 			return nil
 		}
-		if err := websocket.Message.Send(c.ws, strings.Join(events, "\n")); err != nil { // a string: a text frame
+		if err := textOnly.Send(c.ws, bytes.Join(events, []byte("\n"))); err != nil { // websocket.Message.Send, as text (part 3)
 			return err
 		}
 	}
@@ -308,7 +308,7 @@ const (
 // client with queueLimit events waiting. (A phone whose screen is off reads
 // nothing; story 3's rule usually drops it first, at 60 s.) One that catches
 // up gets frames of up to maxFrameBytes, as clients limit what they accept.
-func (c *client) takeQueue() (events []string) {
+func (c *client) takeQueue() (events [][]byte) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	n, size := 0, 0
@@ -340,14 +340,12 @@ func (c *client) endGoroutines() {
 // Story 3: a client that vanishes.
 // A phone walks out of the Wi-Fi: no close frame, no TCP reset, just
 // silence, which TCP would retry for a quarter of an hour. So once a second
-// the room's clock checks when each client was last heard; any byte counts
-// (part 3 says how we know). Silent for pingAfter, a client gets a ping,
-// which every WebSocket client answers with a pong. Silent for dropAfter,
-// it is gone. The ping goes out before the events still in the queue, so a
-// client that reads slowly still answers in time.
-//
-// checkClients is one look (tests call it at made-up times); newRoom starts
-// the clock that calls it.
+// the room's clock (started by newRoom) checks when each client was last
+// heard; any byte counts (part 3 says how we know). Silent for pingAfter, a
+// client gets a ping, which every WebSocket client answers with a pong.
+// Silent for dropAfter, it is gone. The ping goes out before the events in
+// the queue, so a slow reader still answers. Tests call checkClients at
+// made-up times.
 func (r *room) checkClients(now time.Time) (running bool) {
 	r.mu.Lock()
 	defer r.mu.Unlock()
@@ -471,12 +469,11 @@ func printURLs(w io.Writer, addr *net.TCPAddr) {
 }
 
 // Story 7: shutting down.
-// Each client should get its last events and a close frame, and one that
-// reads nothing must not hold the process up. srv.Close does not close
-// connections handed to x/net. So shutdown drops every client (story 2),
-// with no leave, and waits for each connection to close. Setting closing
-// keeps newcomers out. join counts each connection in conns under the same
-// lock, so no count comes after the wait begins.
+// Each client should get its last events and a close frame, but one that
+// reads nothing must not hold the process up. srv.Close does not close the
+// connections x/net took. So shutdown drops every client (story 2), sends no
+// leave, and waits for each connection to close. closing keeps newcomers out,
+// and join counts each connection under the same lock, before the wait.
 func (r *room) shutdown() {
 	r.mu.Lock()
 	r.closing = true
@@ -535,16 +532,19 @@ func heardConnOf(ws *websocket.Conn) *heardConn {
 
 type heardConnKey struct{}
 
-// Sending a ping. x/net has no call for it, but a Codec chooses the type of
-// the frames it sends: pingFrame.Send(ws, nil) sends a ping.
+// Sending a ping. x/net has no call, but a Codec chooses the frame's type.
 var pingFrame = websocket.Codec{Marshal: func(any) ([]byte, byte, error) { return nil, websocket.PingFrame, nil }}
 
-// Refusing binary frames. websocket.Message.Receive into a string takes a
-// binary frame as text. textOnly is the same Codec, with binary an error.
-var textOnly = websocket.Codec{Unmarshal: func(data []byte, frameType byte, v any) error {
-	if frameType != websocket.TextFrame {
-		return errors.New("sent a binary frame")
-	}
-	*v.(*string) = string(data)
-	return nil
-}}
+// Text frames only. websocket.Message receives a binary frame as text, and
+// sends a []byte as binary, or a string by copying it, frame after frame.
+// textOnly is websocket.Message for text frames only, and copies nothing.
+var textOnly = websocket.Codec{
+	Marshal: func(v any) ([]byte, byte, error) { return v.([]byte), websocket.TextFrame, nil },
+	Unmarshal: func(data []byte, frameType byte, v any) error {
+		if frameType != websocket.TextFrame {
+			return errors.New("sent a binary frame")
+		}
+		*v.(*string) = string(data)
+		return nil
+	},
+}

@@ -952,12 +952,12 @@ func TestFramesAreFilledUpTo16KiB(t *testing.T) {
 	const promised = 16 << 10 // the README's, whatever main.go says
 	c := &client{}
 	for i := range 2000 {
-		c.queue = append(c.queue, strings.Repeat("x", 40+i*7919%(promised/4)))
+		c.queue = append(c.queue, bytes.Repeat([]byte("x"), 40+i*7919%(promised/4)))
 	}
-	c.queue = slices.Insert(c.queue, 1000, strings.Repeat("y", 24<<10)) // a large event, alone
+	c.queue = slices.Insert(c.queue, 1000, bytes.Repeat([]byte("y"), 24<<10)) // a large event, alone
 	for frames := 0; len(c.queue) > 0; frames++ {
 		events := c.takeQueue()
-		frame := strings.Join(events, "\n")
+		frame := bytes.Join(events, []byte("\n"))
 		if len(events) > 1 && len(frame) > promised {
 			t.Fatalf("frame %d: %d events in %d bytes", frames, len(events), len(frame))
 		}
