@@ -1019,7 +1019,7 @@ func TestSlowClientIsDisconnectedWithoutDelayingOthers(t *testing.T) {
 	users := joinRoom(t, srv, "alice", "sleepy") // sleepy reads nothing, until the end
 	alice, sleepy := users[0], users[1]
 	sent, waiting := stallWriter(t, r, alice, 2, 10)
-	limit := waiting + 5
+	limit := waiting + 100 // enough queued at the drop to see that all of it still arrives
 	r.mu.Lock()
 	r.queueLimit = limit
 	r.mu.Unlock()
@@ -1191,20 +1191,22 @@ func TestNoGoroutineIsLeftBehind(t *testing.T) {
 // returns once every connection is closed. Who comes after is not let in.
 func TestShutdownClosesEveryConnection(t *testing.T) {
 	r, srv := startServer(t, func(r *room) { r.floodInterval = 0 })
-	users := joinRoom(t, srv, "alice", "sleepy") // sleepy never reads
+	users := joinRoom(t, srv, "alice", "sleepy", "bob") // sleepy never reads
 	_, rawBr := rawJoin(t, srv.Listener.Addr().String())
 	rawClosed := make(chan error, 1)
 	go func() { rawClosed <- readUntilClose(rawBr) }() // a healthy reader that sees raw frames
-	users[0].expect(join(3, 3))
-	stallWriter(t, r, users[0], 2, 100)
-	var alice sync.WaitGroup
-	alice.Go(func() { // reads until the connection ends
-		for ev, err := users[0].read(); err == nil; ev, err = users[0].read() {
+	users[0].expect(join(4, 4))
+	var readers sync.WaitGroup
+	noLeave := func(u *testClient) { // reads until the connection ends
+		for ev, err := u.read(); err == nil; ev, err = u.read() {
 			if ev.Type == "leave" {
-				t.Errorf("alice got %+v at shutdown", ev)
+				t.Errorf("%s got %+v at shutdown", u.name, ev)
 			}
 		}
-	})
+	}
+	readers.Go(func() { noLeave(users[2]) }) // two readers: one of them is dropped after another
+	stallWriter(t, r, users[0], 2, 100)
+	readers.Go(func() { noLeave(users[0]) })
 	start := time.Now()
 	r.shutdown()
 	took := time.Since(start)
@@ -1218,7 +1220,7 @@ func TestShutdownClosesEveryConnection(t *testing.T) {
 	if err := <-rawClosed; err != nil {
 		t.Fatal(err)
 	}
-	alice.Wait()
+	readers.Wait()
 	t.Log("the healthy clients received a close frame, and no leave; the listener still accepts")
 	late := dial(t, srv, "late")
 	late.expectClosed()
